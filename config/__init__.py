@@ -1,0 +1,1 @@
+"""Configuration: service settings (environment) and feed properties (platform or embedded TOML)."""

@@ -1,0 +1,3 @@
+from filefeed.cli import main
+
+main()

@@ -1,0 +1,317 @@
+"""The plugin's HTTP routes. Thin: parse, call one pipeline function, map its result to the protocol's code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from config.settings import ServiceSettings, load_settings
+from filefeed import __version__, lifecycle, logs, metrics
+from filefeed.context import ContextSource, FeedContext, GatewayError, NotFound, context_source
+from filefeed.protocol import (
+    MAX_BODY_BYTES,
+    BadRequest,
+    MissingBody,
+    empty_response,
+    error_response,
+    handler_response,
+    json_response,
+    missing_body_response,
+    parse_json_body,
+    require_str,
+)
+from pipeline import batch, scheduler, troubleshoot
+from pipeline.identifiers import RequestError
+from pipeline.ingest import ingest_update
+from pipeline.staging import Staging
+
+log = logging.getLogger("filefeed")
+
+
+class Plugin:
+    """Per-process state: settings, context source, staging. Built in the lifespan of each worker."""
+
+    def __init__(self, settings: ServiceSettings, source: ContextSource | None = None):
+        self.settings = settings
+        self.source = source or context_source(settings)
+        self.staging = Staging(
+            settings.staging_dir,
+            seal_after_seconds=settings.seal_after_seconds,
+            max_segment_bytes=settings.max_segment_bytes,
+            dedup_window=settings.dedup_window,
+            min_free_bytes=settings.min_free_bytes,
+            max_staged_bytes=settings.max_staged_bytes,
+        )
+        self.tasks: list[asyncio.Task] = []
+
+    async def context(self, feed_id: str, *, force: bool = False) -> FeedContext:
+        return await self.source.feed_context(feed_id, force=force)
+
+
+async def _read_body(request: Request) -> bytes:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+FeedHandler = Callable[[Plugin, dict[str, Any]], Awaitable[Response]]
+
+
+def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a feed POST handler with the SDK's filters: body parsing, empty-body 500, exceptions as 500 error."""
+
+    async def endpoint(request: Request) -> Response:
+        plugin: Plugin = request.app.state.plugin
+        started = time.perf_counter()
+        try:
+            body = parse_json_body(await _read_body(request))
+            response = await handler(plugin, body)
+        except MissingBody:
+            response = missing_body_response()
+        except (BadRequest, RequestError) as e:
+            response = _bad_request(route, str(e), creation)
+        except NotFound as e:
+            response = error_response(str(e), creation=creation, public=creation)
+        except GatewayError as e:
+            response = _gateway_unavailable(route, str(e), plugin.settings.retry_delay_ms, creation)
+        except Exception as e:  # never a stack trace to the platform, never a dead worker
+            log.exception("Something bad happened on %s", route, extra={"route": route})
+            response = error_response(f"internal error ({type(e).__name__})", creation=creation)
+        metrics.observe_request(route, response.status_code, time.perf_counter() - started)
+        return response
+
+    return endpoint
+
+
+def _bad_request(route: str, message: str, creation: bool) -> Response:
+    if route == "batch_update":
+        return handler_response(route, {"status": "ERROR", "message": message, "sent_items_in_success": 0,
+                                        "sent_items_in_error": 0})
+    if route in ("troubleshoot", "authentication", "logout", "dynamic_property_values_queries",
+                 "authentication_status_queries", "test_authentication"):
+        return json_response({"status": "error", "message": message}, 500)
+    return error_response(message, creation=creation, public=creation)
+
+
+def _gateway_unavailable(route: str, message: str, delay_ms: int, creation: bool) -> Response:
+    """The platform's gateway failed: ask for a retry where the route has one, else the error shape."""
+    msg = f"platform gateway unavailable: {message}"
+    if route == "user_segment_update":
+        return handler_response(route, {"status": "retry", "message": msg, "next_msg_delay_in_ms": delay_ms})
+    if route == "batch_update":
+        return handler_response(route, {"status": "RETRY", "message": msg, "next_msg_delay_in_ms": delay_ms,
+                                        "sent_items_in_success": 0, "sent_items_in_error": 0})
+    return error_response(msg, creation=creation)
+
+
+# ---- feed routes ---------------------------------------------------------------------------------------------------
+async def external_segment_creation(plugin: Plugin, body: dict) -> Response:
+    (feed_id,) = require_str(body, "feed_id")
+    ctx = await plugin.context(feed_id, force=True)  # the only route that bypasses the cache
+    result = await run_in_threadpool(lifecycle.check_destination, ctx, plugin.settings, True)
+    if result["status"] == "ok":
+        result.setdefault("visibility", "PUBLIC")
+    return handler_response("external_segment_creation", result)
+
+
+async def external_segment_connection(plugin: Plugin, body: dict) -> Response:
+    (feed_id,) = require_str(body, "feed_id")
+    ctx = await plugin.context(feed_id)
+    result = await run_in_threadpool(lifecycle.check_destination, ctx, plugin.settings, False)
+    result.pop("visibility", None)
+    return handler_response("external_segment_connection", result)
+
+
+async def user_segment_update(plugin: Plugin, body: dict) -> Response:
+    (feed_id,) = require_str(body, "feed_id")
+    ctx = await plugin.context(feed_id)
+    if not ctx.valid:
+        return handler_response("user_segment_update", {"status": "error", "message": f"feed {feed_id} has invalid "
+                                                        f"properties: {ctx.error}"})
+    result = await ingest_update(plugin.staging, ctx, body, plugin.settings.retry_delay_ms)
+    metrics.observe_update(feed_id, result)
+    return handler_response("user_segment_update", result)
+
+
+async def batch_update(plugin: Plugin, body: dict) -> Response:
+    context = body.get("context")
+    if not isinstance(context, dict):
+        raise BadRequest("context must be an object with feed_id")
+    (feed_id,) = require_str(context, "feed_id")
+    ctx = await plugin.context(feed_id)
+    if not ctx.valid:
+        return handler_response("batch_update", {"status": "ERROR", "message": f"feed {feed_id} has invalid "
+                                                 f"properties: {ctx.error}", "sent_items_in_success": 0,
+                                                 "sent_items_in_error": 0})
+    result = await run_in_threadpool(batch.deliver_batch, plugin.staging, ctx, body, plugin.settings)
+    return handler_response("batch_update", result)
+
+
+async def troubleshoot_route(plugin: Plugin, body: dict) -> Response:
+    action = body.get("action")
+    if action != "FETCH_DESTINATION_AUDIENCE":
+        return handler_response("troubleshoot", {"status": "not_implemented",
+                                                 "message": f"Action {action} not supported"})
+    (feed_id,) = require_str(body, "feed_id")
+    ctx = await plugin.context(feed_id)
+    data = await run_in_threadpool(troubleshoot.destination_audience, plugin.staging, ctx, body.get("segment_id"))
+    return handler_response("troubleshoot", {"status": "ok", "data": data})
+
+
+async def test_authentication(plugin: Plugin, body: dict) -> Response:
+    (dest_id,) = require_str(body, "feed_destination_id")
+    try:
+        creds = await plugin.source.credentials(dest_id)
+    except GatewayError:
+        return json_response({"status": "error", "message": "Could not fetch feed destination credentials"}, 500)
+    ctx = None
+    if isinstance(body.get("feed_id"), (str, int)):
+        ctx = await plugin.context(str(body["feed_id"]))
+    result = await run_in_threadpool(lifecycle.test_credentials, ctx, creds, plugin.settings)
+    return handler_response("test_authentication", result)
+
+
+async def authentication_status(plugin: Plugin, body: dict) -> Response:
+    return handler_response("authentication_status_queries", lifecycle.oauth_not_used())
+
+
+async def authentication(plugin: Plugin, body: dict) -> Response:
+    return handler_response("authentication", lifecycle.oauth_not_used())
+
+
+async def logout(plugin: Plugin, body: dict) -> Response:
+    return handler_response("logout", lifecycle.oauth_not_used())
+
+
+async def dynamic_property_values(plugin: Plugin, body: dict) -> Response:
+    return handler_response("dynamic_property_values_queries", lifecycle.dynamic_property_values())
+
+
+async def oauth_redirect_url(plugin: Plugin, body: dict) -> Response:
+    # the SDK's default handler throws: file destinations have no OAuth login page
+    return error_response("OAuth is not used by file destinations")
+
+
+# ---- base routes ---------------------------------------------------------------------------------------------------
+async def status(request: Request) -> Response:
+    plugin: Plugin = request.app.state.plugin
+    s = plugin.settings
+    ready = s.embedded or bool(s.plugin_worker_id and s.plugin_authentication_token)
+    return empty_response(200 if ready else 503)
+
+
+async def init(request: Request) -> Response:
+    return empty_response(200)
+
+
+async def put_log_level(request: Request) -> Response:
+    try:
+        body = parse_json_body(await request.body())
+    except (MissingBody, BadRequest):
+        return empty_response(400)
+    level = body.get("level")
+    if not isinstance(level, str) or not logs.set_level(level, request.app.state.plugin.settings.staging_dir):
+        return empty_response(400)
+    return empty_response(200)
+
+
+async def get_log_level(request: Request) -> Response:
+    return json_response({"level": logs.current_level(request.app.state.plugin.settings.staging_dir)})
+
+
+async def metadata(request: Request) -> Response:
+    body: dict[str, Any] = {"runtime": "python", "runtime_version": platform.python_version()}
+    for key, env in (("group_id", "PLUGIN_GROUP_ID"), ("artifact_id", "PLUGIN_ARTIFACT_ID"),
+                     ("plugin_type", "PLUGIN_TYPE"), ("plugin_version", "PLUGIN_VERSION"),
+                     ("plugin_build", "PLUGIN_BUILD")):
+        if os.environ.get(env):
+            body[key] = os.environ[env]
+    body["dependencies"] = lifecycle.dependency_versions(__version__)
+    return json_response(body)
+
+
+async def metrics_route(request: Request) -> Response:
+    payload, content_type = metrics.render(request.app.state.plugin.staging)
+    return Response(payload, media_type=content_type)
+
+
+FEED_ROUTES: dict[str, FeedHandler] = {
+    "external_segment_creation": external_segment_creation,
+    "external_segment_connection": external_segment_connection,
+    "user_segment_update": user_segment_update,
+    "batch_update": batch_update,
+    "troubleshoot": troubleshoot_route,
+    "authentication_status_queries": authentication_status,
+    "authentication": authentication,
+    "logout": logout,
+    "dynamic_property_values_queries": dynamic_property_values,
+    "test_authentication": test_authentication,
+    "oauth_redirect_url": oauth_redirect_url,
+}
+LEGACY_PATHS = {"authentication_status": "authentication_status_queries",
+                "dynamic_property_values": "dynamic_property_values_queries"}
+
+
+def routes() -> list[Route]:
+    out = [
+        Route("/v1/status", status, methods=["GET"]),
+        Route("/v1/init", init, methods=["POST"]),
+        Route("/v1/log_level", put_log_level, methods=["PUT"]),
+        Route("/v1/log_level", get_log_level, methods=["GET"]),
+        Route("/v1/metadata", metadata, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+    ]
+    for name, handler in FEED_ROUTES.items():
+        out.append(Route(f"/v1/{name}", feed_route(name, handler, creation=name == "external_segment_creation"),
+                         methods=["POST"]))
+    for legacy, name in LEGACY_PATHS.items():
+        out.append(Route(f"/v1/{legacy}", feed_route(name, FEED_ROUTES[name]), methods=["POST"]))
+    return out
+
+
+def create_app(settings: ServiceSettings | None = None, source: ContextSource | None = None) -> Starlette:
+    settings = settings or load_settings()
+    logs.configure(settings.log_level, settings.staging_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        plugin = Plugin(settings, source)
+        app.state.plugin = plugin
+        await run_in_threadpool(plugin.staging.recover)
+        plugin.tasks = [
+            asyncio.create_task(plugin.staging.run_sealer(), name="sealer"),
+            asyncio.create_task(scheduler.run_age_flushes(plugin.staging, plugin.source, settings), name="flusher"),
+            asyncio.create_task(logs.follow_level(settings.staging_dir), name="log-level"),
+        ]
+        log.info("filefeed %s ready (%s mode, staging %s, writer %s)", __version__,
+                 "embedded" if settings.embedded else "gateway", settings.staging_dir, plugin.staging.writer_id)
+        try:
+            yield
+        finally:
+            for t in plugin.tasks:
+                t.cancel()
+            await asyncio.gather(*plugin.tasks, return_exceptions=True)
+            await plugin.staging.aclose()
+            await plugin.source.aclose()
+
+    return Starlette(routes=routes(), lifespan=lifespan)

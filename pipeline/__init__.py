@@ -1,0 +1,1 @@
+"""The delivery pipeline: identifiers -> staging -> rollover (encode) -> sink publish -> ledger -> counts."""

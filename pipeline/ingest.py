@@ -1,0 +1,76 @@
+"""user_segment_update: request -> identifier rows -> durable staging -> the protocol's answer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipeline.identifiers import RequestError
+from pipeline.model import OPERATIONS, Partition, check_id
+from pipeline.staging import StagingFull
+
+if TYPE_CHECKING:
+    from filefeed.context import FeedContext
+    from pipeline.staging import Staging
+
+
+def _ts(body: dict[str, Any]) -> int:
+    ts = body.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float, str)):
+        raise RequestError("ts must be epoch milliseconds")
+    try:
+        return int(ts)
+    except ValueError:
+        raise RequestError("ts must be epoch milliseconds") from None
+
+
+def update_partition(body: dict[str, Any]) -> tuple[Partition, str, str, int]:
+    """Check the envelope of a user_segment_update; return (partition, session_id, datamart_id, ts)."""
+    problems = []
+    for name in ("feed_id", "segment_id", "session_id", "datamart_id"):
+        try:
+            check_id(name, body.get(name))
+        except ValueError as e:
+            problems.append(str(e))
+    op = body.get("operation")
+    if op not in OPERATIONS:
+        problems.append("operation must be UPSERT or DELETE")
+    if problems:
+        raise RequestError("; ".join(problems))
+    ts = _ts(body)
+    return Partition(str(body["feed_id"]), str(body["segment_id"]), op), str(body["session_id"]), \
+        str(body["datamart_id"]), ts
+
+
+async def ingest_update(staging: Staging, ctx: FeedContext, body: dict[str, Any], retry_delay_ms: int) -> dict:
+    """Stage the eligible identifiers of one user; the answer carries one BATCH_DELIVERY item per row."""
+    partition, session_id, datamart_id, ts = update_partition(body)
+    assert ctx.rules is not None
+    ex = ctx.rules.extract(body.get("user_identifiers"), ts, session_id, datamart_id)
+    if not ex.rows:
+        return {"status": "no_eligible_identifier", "message": "no eligible identifier for this feed",
+                "stats": ex.stats or None}
+    try:
+        res = await staging.append(partition, ex.rows)
+    except StagingFull as e:
+        delay = max(int(getattr(e, "retry_after_ms", 0) or 0), retry_delay_ms)
+        return {"status": "retry", "message": f"staging is full: {e}", "next_msg_delay_in_ms": delay}
+    op = partition.operation
+    items = [
+        {
+            "type": "BATCH_DELIVERY",
+            "content": {
+                "ref": res.segment,
+                "segment_id": partition.segment_id,
+                "operation": op,
+                "identifier_type": r[0],
+                "identifier": r[1],
+                "ts": r[2],
+                "session_id": r[3],
+                "datamart_id": r[4],
+                "user_point_id": r[5],
+            },
+            "grouping_key": op,
+        }
+        for r in ex.rows
+    ]
+    return {"status": "ok", "data": items, "stats": ex.stats}

@@ -1,0 +1,166 @@
+"""The sink contract: a small class per destination, registered by URL scheme.
+
+Every sink publishes atomically (nothing half-visible) and idempotently (a re-publish of the same deterministic name
+never creates a second object), and classifies its own errors once, here at the edge: `TransientError` (retry with
+backoff, the platform gets RETRY) or `TerminalError` (the rows go to failed/, the platform gets ERROR).
+Error messages never contain a credential.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, ClassVar
+
+if TYPE_CHECKING:
+    from config.feed import FeedProperties
+
+
+class SinkError(Exception):
+    """Base of every error a sink raises. `transient` says whether a retry can help."""
+
+    transient: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, kind: str = "error"):
+        super().__init__(message)
+        self.kind = kind  # short class for metrics/troubleshoot: "network", "auth", "permission", "not_found", ...
+
+
+class TransientError(SinkError):
+    transient = True
+
+
+class TerminalError(SinkError):
+    transient = False
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a safe relative object name, else raise TerminalError(kind="invalid_name").
+
+    Refused: empty, absolute, backslash, NUL or control characters, empty / '.' / '..' segments, a trailing '/'.
+    The same rule for every backend, so a name that works on one never escapes the root on another.
+    """
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is empty"
+    elif name.startswith("/"):
+        problem = "is absolute"
+    elif "\\" in name:
+        problem = "contains a backslash"
+    elif any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        problem = "contains NUL or control characters"
+    elif any(seg in ("", ".", "..") for seg in name.split("/")):
+        problem = "has an empty, '.' or '..' segment"
+    if problem:
+        raise TerminalError(f"object name {name!r} {problem}", kind="invalid_name")
+    return name
+
+
+def same_bytes(local_path: Path, remote_chunks: Iterable[bytes], chunk_size: int = 1 << 20) -> bool:
+    """True when the streamed remote bytes equal the local file; stops at the first difference."""
+    with open(local_path, "rb") as f:
+        pending = b""
+        for chunk in remote_chunks:
+            pending += chunk
+            while len(pending) >= chunk_size:
+                if f.read(chunk_size) != pending[:chunk_size]:
+                    return False
+                pending = pending[chunk_size:]
+        return f.read(len(pending) + 1) == pending
+
+
+def classify_os_error(e: OSError, what: str) -> SinkError:
+    """Map a local or socket OSError to Transient/Terminal with a kind. `what` says what was being done.
+
+    A full disk is transient (kind "no_space"): an operator can free space, and the caller's bounded retry budget
+    still ends in failed/ if nobody does.
+    """
+    code = e.errno
+    detail = e.strerror or type(e).__name__
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return TransientError(f"{what}: timed out", kind="timeout")
+    if isinstance(e, (ConnectionError, socket.gaierror)) or code in (
+        errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH,
+        errno.ENETUNREACH, errno.ENETDOWN, errno.ETIMEDOUT,
+    ):
+        return TransientError(f"{what}: {detail}", kind="network")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return TransientError(f"{what}: {detail}", kind="no_space")
+    if code in (errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR):
+        return TransientError(f"{what}: {detail}", kind="io")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return TerminalError(f"{what}: {detail}", kind="permission")
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return TerminalError(f"{what}: {detail}", kind="not_found")
+    if code in (errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY):
+        return TerminalError(f"{what}: {detail}", kind="conflict")
+    return TerminalError(f"{what}: {detail}", kind="io")
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    name: str  # relative to the destination prefix, '/'-separated
+    size: int
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    name: str  # relative name as published
+    size: int
+    url: str  # full URL of the published object (no credentials)
+    already_present: bool = False  # True when an identical object was there already (idempotent re-publish)
+
+
+class Sink(abc.ABC):
+    """A destination. Names are relative to the destination URI's prefix/path, '/'-separated, never '..'."""
+
+    scheme: ClassVar[str]
+
+    def __init__(self, props: FeedProperties):
+        self.props = props
+        self.destination = props.destination
+
+    def open_source(self, local_path: Path) -> BinaryIO:
+        """Open the local file to publish. The one place the bytes are read from (tests inject failures here)."""
+        return open(local_path, "rb")  # noqa: SIM115 - caller closes
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Prove the destination is reachable and writable: write then remove a small probe object."""
+
+    @abc.abstractmethod
+    def publish(self, local_path: Path, name: str) -> PublishResult:
+        """Make `local_path` visible as `name`, atomically; idempotent for the same name and bytes."""
+
+    @abc.abstractmethod
+    def stat(self, name: str) -> RemoteObject | None:
+        """The object `name`, or None when absent."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[RemoteObject]:
+        """Objects whose relative name starts with `prefix` (recursive)."""
+
+    @abc.abstractmethod
+    def read(self, name: str) -> bytes:
+        """The bytes of `name` (verify, tests)."""
+
+    @abc.abstractmethod
+    def remove(self, name: str) -> None:
+        """Delete `name`; absent is fine."""
+
+    def url(self, name: str) -> str:
+        base = self.destination.uri.rstrip("/")
+        return f"{base}/{name}"
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

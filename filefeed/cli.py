@@ -177,8 +177,9 @@ def demo(
             console.print(f"feed {feed_id}: {len(files)} files in {dest.path}")
             for p in files[-6:]:
                 console.print(f"  {p.relative_to(dest.path)}  {p.stat().st_size:,} B")
-            if files:
-                console.print(f"  (see one: filefeed inspect {files[0]})")
+            data_files = [p for p in files if not p.name.endswith(".manifest.json")]
+            if data_files:
+                console.print(f"  (see one: filefeed inspect {data_files[-1]})")
     if report.errors or report.sent_items_in_success != report.items:
         err.print(f"[red]demo incomplete: {report.errors[:3]}[/red]")
         raise typer.Exit(1)

@@ -56,13 +56,13 @@ def observe_update(feed_id: str, result: dict[str, Any]) -> None:
         ROWS.labels("accepted" if stat["sync_result"] == "PROCESSED" else "rejected", id_type).inc()
 
 
-def observe_roll(scheme: str, outcome: Any, seconds: float) -> None:
+def observe_roll(scheme: str, outcome: Any, seconds: float, nbytes: int) -> None:
     ROLLS.labels(scheme, outcome.status).inc()
     if outcome.status == "published":
         PUBLISH_SECONDS.labels(scheme).observe(seconds)
         PUBLISHED_FILES.labels(scheme).inc(len(outcome.files))
         PUBLISHED_ROWS.labels(scheme).inc(outcome.rows)
-        PUBLISHED_BYTES.labels(scheme).inc(sum(getattr(f, "bytes", 0) or 0 for f in outcome.files))
+        PUBLISHED_BYTES.labels(scheme).inc(nbytes)
 
 
 def observe_error(error_class: str, kind: str) -> None:

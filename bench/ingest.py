@@ -1,0 +1,179 @@
+"""Ingest benchmark: user_segment_update (2 identifiers) against `filefeed serve` (every row fsynced before its
+answer) beside a bare endpoint of the same HTTP stack, loaded by wrk from the same machine, in one command.
+
+    python bench/ingest.py [--seconds 30] [--workers 2] [--connections 64] [--soak 0]
+
+Prints requests/s, p50/p99 latency for both, the ratio, server RSS at start and end, and checks that the staged
+rows equal the acknowledged ones. `--soak 300` adds a 5-minute run reporting RSS every 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = r"""
+local counter = 0
+local tid = 0
+local threads = {}
+function setup(thread)
+  thread:set("tid", #threads + 1)
+  table.insert(threads, thread)
+end
+function init(args)
+  counter = 0
+end
+local template = '{"feed_id":"42","session_id":"1717494873","datamart_id":"1023","segment_id":"451256",' ..
+  '"ts":1717494873000,"operation":"UPSERT","user_identifiers":[' ..
+  '{"type":"USER_POINT","user_point_id":"26340584-f777-404c-82c5-%04x%08x","creation_ts":1493118667529},' ..
+  '{"type":"USER_EMAIL","hash":"ff8d9819fc0e12bf0d24892e45987e249a28dce836a85cad60e2%04x%08x",' ..
+  '"creation_ts":1493118667529,"last_activity_ts":1717494873000,"providers":[]}],"user_profiles":[]}'
+request = function()
+  counter = counter + 1
+  local body = string.format(template, tid, counter, tid, counter)
+  return wrk.format("POST", "/v1/user_segment_update", {["Content-Type"] = "application/json"}, body)
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT requests=%d errors=%d status_errors=%d p50_us=%d p99_us=%d duration_us=%d\n",
+    summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(99), summary.duration))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/status", timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("server not ready")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and its children (uvicorn's workers), in MB."""
+    total = 0
+    pids = [pid]
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+        pids += [int(p) for p in out.split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def run_wrk(url: str, seconds: int, connections: int, threads: int, script: Path) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"RESULT requests=(\d+) errors=(\d+) status_errors=(\d+) p50_us=(\d+) p99_us=(\d+) "
+                  r"duration_us=(\d+)", out)
+    if not m:
+        raise SystemExit(f"wrk output not understood:\n{out}")
+    req, errors, status_errors, p50, p99, dur = map(int, m.groups())
+    return {"requests": req, "errors": errors, "status_errors": status_errors, "rps": req / (dur / 1e6),
+            "p50_ms": p50 / 1000, "p99_ms": p99 / 1000}
+
+
+def staged_rows(staging: Path) -> int:
+    from pipeline.staging import Staging
+
+    st = Staging(staging)
+    return sum(st.stats(p).rows for p in st.partitions())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--wrk-threads", type=int, default=1)
+    ap.add_argument("--soak", type=int, default=0, help="extra seconds of load reporting RSS (300 = 5 minutes)")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk (scripts/install.sh does)")
+    tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-ingest-"))
+    script = tmp / "update.lua"
+    script.write_text(LUA)
+    out = tmp / "delivery"
+    out.mkdir()
+    feeds = tmp / "feeds.toml"
+    feeds.write_text(f'[feeds.42]\ndestination_uri = "{out.as_uri()}"\nidentifier_types = "USER_EMAIL,USER_POINT"\n'
+                     "max_buffer_age_seconds = 86400\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
+    env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
+                "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN"})
+    results = {}
+    for name, cmd in (
+        ("bare", [sys.executable, "-m", "uvicorn", "bench.bare_app:create_app", "--factory", "--loop", "uvloop",
+                  "--http", "httptools", "--no-access-log", "--log-level", "warning"]),
+        ("filefeed", [sys.executable, "-m", "filefeed", "serve"]),
+    ):
+        port = free_port()
+        full = cmd + ["--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)]
+        proc = subprocess.Popen(full, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log",
+                                                                                               "wb"))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, proc)
+            run_wrk(url, 3, args.connections, args.wrk_threads, script)  # warm-up
+            rss_start = tree_rss_mb(proc.pid)
+            r = run_wrk(url, args.seconds, args.connections, args.wrk_threads, script)
+            r["rss_start_mb"] = rss_start
+            if args.soak and name == "filefeed":
+                marks = []
+                for _ in range(max(1, args.soak // 30)):
+                    run_wrk(url, 30, args.connections, args.wrk_threads, script)
+                    marks.append(round(tree_rss_mb(proc.pid)))
+                r["soak_rss_mb"] = marks
+            r["rss_end_mb"] = tree_rss_mb(proc.pid)
+            results[name] = r
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    bare, ff = results["bare"], results["filefeed"]
+    print(f"ingest: user_segment_update, 2 identifiers, {args.workers} workers, wrk -c{args.connections} "
+          f"-t{args.wrk_threads}, {args.seconds}s each, same machine")
+    for name, r in results.items():
+        print(f"  {name:9s} {r['rps']:9,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+              f"errors {r['errors'] + r['status_errors']}  RSS {r['rss_start_mb']:.0f} -> {r['rss_end_mb']:.0f} MB"
+              + (f"  soak RSS every 30 s: {r['soak_rss_mb']}" if "soak_rss_mb" in r else ""))
+    print(f"  ratio filefeed/bare: {ff['rps'] / bare['rps']:.2f}  (target >= 0.60; filefeed target >= 6,000 req/s)")
+    rows = staged_rows(tmp / "staging")
+    print(f"  staged rows on disk: {rows:,} (every answered request staged 2 rows; wrk counts requests sent "
+          f"including the warm-up and any still in flight at the end)")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,173 @@
+"""batch_update: items -> (already staged | staged now) -> roll -> honest counts.
+
+Each BATCH_DELIVERY item filefeed answered carries `ref`, the staging segment its row was written to. A batch is
+published by whoever receives it:
+- refs whose segment is open are waited for (sealed at once when this process owns them);
+- refs whose segment is sealed, rolling or failed are already staged here;
+- refs the ledger lists as consumed were published already (by an earlier batch or the age timer);
+- items with no ref, or a ref this staging volume never saw (another host, a lost disk), are staged now into a
+  sealed segment named after a hash of their rows, so a retried batch finds that segment instead of doubling rows.
+Then the partition is rolled (its unfinished rolls resumed first) and an item counts as sent when its segment is in
+the ledger. Items that cannot be rows count in `sent_items_in_error`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from pipeline import delivery
+from pipeline.identifiers import MAX_VALUE_LENGTH
+from pipeline.journal import encode_rows, is_clean_value
+from pipeline.ledger import FAILED, ROLLING, atomic_write_bytes, consumed_segments, partition_dir
+from pipeline.model import OPERATIONS, ID_PATTERN, Partition
+from pipeline.staging import SEALED
+
+if TYPE_CHECKING:
+    from config.settings import ServiceSettings
+    from filefeed.context import FeedContext
+    from pipeline.staging import Staging
+
+log = logging.getLogger("filefeed.batch")
+SUFFIX = ".jnl"
+
+
+class BatchError(ValueError):
+    """The batch envelope itself is unusable."""
+
+
+@dataclass
+class _PartitionWork:
+    refs: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # segment name -> items
+    rows: list[tuple[tuple, str | None]] = field(default_factory=list)  # (row, ref or None)
+
+
+def _str(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        return None
+    s = str(v)
+    return s if len(s) <= MAX_VALUE_LENGTH and is_clean_value(s) else None
+
+
+def parse_item(raw: Any, context: dict[str, Any]) -> tuple[Partition, str | None, tuple] | None:
+    """One batch item as (partition, ref or None, row), or None when it cannot be a row."""
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+    if not isinstance(raw, dict):
+        return None
+    op = raw.get("operation") or context.get("grouping_key")
+    segment_id = _str(raw.get("segment_id") or context.get("segment_id"))
+    id_type, ident = _str(raw.get("identifier_type")), _str(raw.get("identifier"))
+    session_id = _str(raw.get("session_id") or context.get("feed_session_id") or "")
+    datamart_id = _str(raw.get("datamart_id") or context.get("datamart_id") or "")
+    user_point_id = _str(raw.get("user_point_id") or "")
+    ts = raw.get("ts")
+    if (op not in OPERATIONS or not segment_id or not ID_PATTERN.fullmatch(segment_id) or not id_type or not ident
+            or session_id is None or datamart_id is None or user_point_id is None
+            or isinstance(ts, bool) or not isinstance(ts, int)):
+        return None
+    ref = raw.get("ref")
+    if not (isinstance(ref, str) and ID_PATTERN.fullmatch(ref.replace("-", "_")) and len(ref) <= 64):
+        ref = None
+    partition = Partition(str(context["feed_id"]), segment_id, op)
+    return partition, ref, (id_type, ident, ts, session_id, datamart_id, user_point_id)
+
+
+def _roll_dirs_holding(pdir, name: str) -> bool:
+    for state in (ROLLING, FAILED):
+        try:
+            for roll in os.scandir(pdir / state):
+                if (pdir / state / roll.name / "segments" / name).exists():
+                    return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple], consumed: set[str]) -> str:
+    """Write rows staged by nobody here into a sealed segment whose name is a hash of the rows (idempotent)."""
+    digest = hashlib.sha256()
+    for r in sorted(rows):
+        digest.update(orjson.dumps(r))
+    name = f"batch_{digest.hexdigest()[:24]}-00000000"
+    pdir = partition_dir(staging.root, partition)
+    path = pdir / SEALED / (name + SUFFIX)
+    if name + SUFFIX in consumed or path.exists() or _roll_dirs_holding(pdir, name + SUFFIX):
+        return name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, encode_rows(rows, int(time.time() * 1000)))
+    return name
+
+
+def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], settings: ServiceSettings) -> dict:
+    """Stage what is missing, roll the batch's partitions, count. Runs in a worker thread (blocking I/O)."""
+    items = body.get("batch_content")
+    context = body["context"]
+    if not isinstance(items, list):
+        return {"status": "ERROR", "message": "batch_content must be a list", "sent_items_in_success": 0,
+                "sent_items_in_error": 0}
+    assert ctx.props is not None
+    work: dict[Partition, _PartitionWork] = defaultdict(_PartitionWork)
+    invalid = 0
+    for raw in items:
+        parsed = parse_item(raw, context)
+        if parsed is None:
+            invalid += 1
+            continue
+        partition, ref, row = parsed
+        if ref is not None:
+            work[partition].refs[ref] += 1
+        work[partition].rows.append((row, ref))  # the row is kept in case its ref is unknown here
+    if not work:
+        return {"status": "OK" if not invalid else "ERROR", "sent_items_in_success": 0, "sent_items_in_error": invalid,
+                "message": f"{invalid} items are not rows of this feed" if invalid else None}
+
+    sent = 0
+    transient: list[str] = []
+    terminal: list[str] = []
+    for partition, w in sorted(work.items()):
+        pdir = partition_dir(staging.root, partition)
+        consumed = consumed_segments(staging.root, partition)
+        names = [n for n in w.refs if n + SUFFIX not in consumed]
+        states = staging.wait_sealed(partition, names, timeout=settings.batch_wait_seconds) if names else {}
+        if any(s == "open" for s in states.values()):
+            transient.append(f"{partition}: staged rows still being written")
+            continue
+        unknown = {n for n, s in states.items() if s is None and not _roll_dirs_holding(pdir, n + SUFFIX)}
+        counted: dict[str, int] = {n: c for n, c in w.refs.items() if n not in unknown}
+        # rows to stage now: items without ref, and items whose ref this staging volume does not know
+        loose = [row for (row, ref) in w.rows if ref is None or ref in unknown]
+        if loose:
+            name = _stage_loose(staging, partition, loose, consumed)
+            counted[name] = counted.get(name, 0) + len(loose)
+        outcome = delivery.roll(staging.root, partition, ctx.props, wait_seconds=settings.batch_wait_seconds)
+        if outcome.status == "busy":
+            transient.append(f"{partition}: another roll of this partition is running")
+        elif outcome.status == "transient":
+            transient.append(f"{partition}: {outcome.error}")
+        elif outcome.status == "terminal":
+            terminal.append(f"{partition}: {outcome.error}")
+        consumed = consumed_segments(staging.root, partition)
+        sent += sum(c for n, c in counted.items() if n + SUFFIX in consumed)
+        if outcome.status in ("published", "nothing") and any(
+                n + SUFFIX not in consumed and _roll_dirs_holding(pdir, n + SUFFIX) for n in counted):
+            terminal.append(f"{partition}: some rows are in failed rolls (see `filefeed status`, `filefeed retry`)")
+    result: dict[str, Any] = {"sent_items_in_success": sent, "sent_items_in_error": invalid}
+    if transient:
+        result.update(status="RETRY", message="; ".join(transient)[:1000], next_msg_delay_in_ms=settings.retry_delay_ms)
+    elif terminal:
+        result.update(status="ERROR", message="; ".join(terminal)[:1000])
+    else:
+        result.update(status="OK", message=f"{invalid} items are not rows of this feed" if invalid else None)
+    return result
+

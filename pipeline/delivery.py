@@ -1,0 +1,104 @@
+"""Rolling a partition through the feed's sink: one entry point for batch_update, the age timer and the CLI.
+
+Sinks are kept per feed configuration (a boto3 client or an SSH session is expensive to build) and used under a
+lock, because one sink object may be shared by the threads rolling several partitions of a feed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from config.feed import FeedProperties
+from datetime import UTC, datetime
+
+from pipeline.ledger import Ledger, atomic_write_json, partition_dir
+from pipeline.model import Partition
+from pipeline.rollover import RollOutcome, roll_partition
+from sinks import Sink, SinkError, open_sink
+
+log = logging.getLogger("filefeed.delivery")
+
+
+class SinkPool:
+    """Open sinks by feed configuration; a changed configuration gets a new sink."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sinks: dict[str, tuple[Sink, threading.Lock]] = {}
+
+    @contextmanager
+    def sink(self, props: FeedProperties) -> Iterator[Sink]:
+        key = props.model_dump_json()  # includes secrets, but only as a dict key in memory
+        with self._lock:
+            entry = self._sinks.get(key)
+            if entry is None:
+                entry = self._sinks[key] = (open_sink(props), threading.Lock())
+        sink, lock = entry
+        with lock:
+            try:
+                yield sink
+            except SinkError:
+                # a broken connection must not poison later rolls: reopen next time
+                with self._lock:
+                    if self._sinks.get(key) is entry:
+                        del self._sinks[key]
+                sink.close()
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            entries = list(self._sinks.values())
+            self._sinks.clear()
+        for sink, _ in entries:
+            sink.close()
+
+
+POOL = SinkPool()
+
+
+LAST_ERROR = "last_error.json"
+
+
+def record_error(root: Path, partition: Partition, outcome: RollOutcome) -> None:
+    """Keep the partition's latest roll error on disk for troubleshoot and `filefeed status` (messages hold no
+    secrets: sinks never put credentials in them)."""
+    pdir = partition_dir(root, partition)
+    if pdir.is_dir():
+        atomic_write_json(pdir / LAST_ERROR, {"error_class": outcome.status, "kind": outcome.error_kind,
+                                              "message": outcome.error, "time": datetime.now(UTC).isoformat()})
+
+
+def roll(root: Path, partition: Partition, props: FeedProperties, *, wait_seconds: float = 0.0,
+         pool: SinkPool = POOL) -> RollOutcome:
+    """Resume unfinished rolls of the partition, then roll and publish everything sealed; metrics and a log line."""
+    from filefeed import metrics  # the service's metrics; a no-op registry in CLI processes
+
+    started = time.perf_counter()
+    try:
+        with pool.sink(props) as sink:
+            outcome = roll_partition(root, partition, props, sink, wait_seconds=wait_seconds)
+    except SinkError as e:  # opening the sink failed (missing dependency, unusable configuration)
+        outcome = RollOutcome(status="transient" if e.transient else "terminal", error=str(e), error_kind=e.kind)
+    seconds = time.perf_counter() - started
+    scheme = props.destination.scheme
+    nbytes = 0
+    if outcome.roll_ids and outcome.status == "published":
+        ledger = Ledger(partition_dir(root, partition))
+        nbytes = sum(e.bytes for rid in outcome.roll_ids if (e := ledger.get(rid)) is not None)
+    metrics.observe_roll(scheme, outcome, seconds, nbytes)
+    if outcome.status in ("transient", "terminal"):
+        metrics.observe_error(outcome.status, outcome.error_kind or "unknown")
+        record_error(root, partition, outcome)
+        log.warning("roll of %s: %s (%s): %s", partition, outcome.status, outcome.error_kind, outcome.error,
+                    extra={"feed_id": partition.feed_id, "segment_id": partition.segment_id,
+                           "outcome": outcome.status, "error_class": outcome.error_kind})
+    elif outcome.status == "published":
+        log.info("roll of %s: published %d rows in %d files in %.2fs", partition, outcome.rows, len(outcome.files),
+                 seconds, extra={"feed_id": partition.feed_id, "segment_id": partition.segment_id,
+                                 "outcome": "published", "rows": outcome.rows, "files": len(outcome.files)})
+    return outcome

@@ -43,17 +43,29 @@ def prepare_multiprocess_dir(staging_dir: Path) -> Path:
     return path
 
 
+# labelled children resolved once: `labels()` costs more than the increment itself on the hot path
+_children: dict[tuple, Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def observe_request(route: str, code: int, seconds: float) -> None:
-    REQUESTS.labels(route, str(code)).inc()
-    REQUEST_SECONDS.labels(route).observe(seconds)
+    _child(REQUESTS, route, str(code)).inc()
+    _child(REQUEST_SECONDS, route).observe(seconds)
     if code in (429, 503):
-        RETRIES.labels(route).inc()
+        _child(RETRIES, route).inc()
 
 
 def observe_update(feed_id: str, result: dict[str, Any]) -> None:
     for stat in result.get("stats") or ():
         id_type = stat["tags"][0]["value"] if stat.get("tags") else "unknown"
-        ROWS.labels("accepted" if stat["sync_result"] == "PROCESSED" else "rejected", id_type).inc()
+        _child(ROWS, "accepted" if stat["sync_result"] == "PROCESSED" else "rejected", id_type).inc()
 
 
 def observe_roll(scheme: str, outcome: Any, seconds: float, nbytes: int) -> None:

@@ -1,0 +1,202 @@
+"""`file:///absolute/path`: publish into a local (or mounted) folder.
+
+Publish = copy to a dot-prefixed temp file in the destination folder, fsync it, then `os.link` it onto the final
+name and fsync the folder. `link` fails when the name exists, so publishing is create-only even against a concurrent
+publisher: an existing name with identical bytes is `already_present`, with different bytes a TerminalError
+(kind "conflict"). On filesystems without hard links (some FUSE/SMB mounts) it falls back to a checked `os.replace`,
+which is atomic but could let a concurrent publisher of the same name win; deterministic names make that harmless.
+"""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import io
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from sinks import register
+from sinks.base import (
+    PublishResult,
+    RemoteObject,
+    Sink,
+    SinkError,
+    TerminalError,
+    TransientError,
+    check_name,
+    classify_os_error,
+)
+
+COPY_BUFFER = 1 << 20
+# errors meaning "this filesystem cannot hard-link", not "the link is forbidden/there"
+_NO_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy(src: BinaryIO, dst: BinaryIO) -> None:
+    """Kernel-side copy (sendfile) for a plain file, else a buffered copy (any file-like source)."""
+    if isinstance(src, io.BufferedReader) and src.tell() == 0:
+        offset = 0
+        try:
+            while sent := os.sendfile(dst.fileno(), src.fileno(), offset, 64 * COPY_BUFFER):
+                offset += sent
+            return
+        except OSError as e:
+            if offset or e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+    shutil.copyfileobj(src, dst, COPY_BUFFER)
+
+
+@register
+class LocalSink(Sink):
+    scheme = "file"
+
+    @property
+    def root(self) -> Path:
+        return Path(self.destination.path)
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        check_name(name)
+        return self.root / name
+
+    def _inside_root(self, folder: Path) -> None:
+        """Refuse a folder that resolves outside the root (a symlink planted in the tree)."""
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(folder)
+        if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+            raise TerminalError(f"{folder} resolves outside the destination folder", kind="invalid_name")
+
+    def _makedirs(self, folder: Path) -> None:
+        """mkdir -p, fsyncing the parent of every folder created so the new entries survive a crash."""
+        missing: list[Path] = []
+        p = folder
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_dir(d.parent)
+
+    def _existing(self, local_path: Path, final: Path, name: str, size: int) -> PublishResult:
+        if final.stat().st_size == size and filecmp.cmp(local_path, final, shallow=False):
+            return PublishResult(name, size, self.url(name), already_present=True)
+        raise TerminalError(f"{self.url(name)} exists with different content", kind="conflict")
+
+    # -- Sink --------------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        probe = self.root / f".filefeed-probe-{uuid.uuid4().hex}"
+        try:
+            self._makedirs(self.root)
+            with open(probe, "xb") as f:
+                f.write(b"filefeed probe\n")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as e:
+            raise classify_os_error(e, f"checking {self.destination.uri}") from None
+
+    def publish(self, local_path: Path, name: str) -> PublishResult:
+        final = self._path(name)
+        tmp: Path | None = None
+        try:
+            size = os.stat(local_path).st_size
+            self._makedirs(final.parent)
+            self._inside_root(final.parent)
+            if final.exists():
+                return self._existing(local_path, final, name, size)
+            tmp = final.parent / f".{final.name}.filefeed-tmp-{uuid.uuid4().hex[:12]}"
+            with self.open_source(local_path) as src, open(tmp, "xb") as dst:
+                _copy(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            written = tmp.stat().st_size
+            if written != size:
+                raise TransientError(f"{name}: wrote {written} bytes, source has {size} (changed while copying?)",
+                                     kind="io")
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return self._existing(local_path, final, name, size)  # lost a race with an identical publish
+            except OSError as e:
+                if e.errno not in _NO_LINK:
+                    raise
+                if final.exists():
+                    return self._existing(local_path, final, name, size)
+                os.replace(tmp, final)
+                tmp = None
+            _fsync_dir(final.parent)
+            return PublishResult(name, size, self.url(name))
+        except SinkError:
+            raise
+        except OSError as e:
+            raise classify_os_error(e, f"publishing {self.url(name)}") from None
+        finally:
+            if tmp is not None:
+                try:
+                    tmp.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    pass  # best effort: a dot-prefixed leftover is never mistaken for a published file
+
+    def stat(self, name: str) -> RemoteObject | None:
+        path = self._path(name)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise classify_os_error(e, f"stat {self.url(name)}") from None
+        if not path.is_file():
+            return None
+        return RemoteObject(name, st.st_size)
+
+    def list(self, prefix: str = "") -> Iterator[RemoteObject]:
+        # start the walk at the deepest folder the prefix names completely
+        folder, _, _ = prefix.rpartition("/")
+        start = self.root / folder if folder else self.root
+        if folder:
+            check_name(folder)
+        if not start.is_dir():
+            return
+        try:
+            for dirpath, dirnames, filenames in os.walk(start):
+                dirnames.sort()
+                for fn in sorted(filenames):
+                    full = Path(dirpath) / fn
+                    rel = full.relative_to(self.root).as_posix()
+                    if rel.startswith(prefix) and full.is_file() and not full.is_symlink():
+                        yield RemoteObject(rel, full.stat().st_size)
+        except OSError as e:
+            raise classify_os_error(e, f"listing {self.destination.uri}") from None
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except OSError as e:
+            raise classify_os_error(e, f"reading {self.url(name)}") from None
+
+    def remove(self, name: str) -> None:
+        try:
+            self._path(name).unlink()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise classify_os_error(e, f"removing {self.url(name)}") from None

@@ -1,0 +1,112 @@
+"""Backpressure: StagingFull before writing when disk or staged bytes run out; ENOSPC never leaves a torn frame."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import stat
+
+import pytest
+
+import pipeline.staging as staging_module
+from pipeline.staging import StagingFull, verify_segment
+from tests.conftest import wait_for
+from tests.staging.helpers import P, read_all, rows
+
+
+def test_refused_when_free_disk_is_under_the_minimum(make_staging) -> None:
+    staging = make_staging(min_free_bytes=1 << 62)
+    assert "free disk space" in (staging.pressure() or "")
+    with pytest.raises(StagingFull) as info:
+        staging.append_sync(P, rows(0, 1))
+    assert info.value.retry_after_ms > 0
+    with pytest.raises(StagingFull):
+        asyncio.run(staging.append(P, rows(0, 1)))
+    assert staging.partitions() == []
+
+
+def test_refused_over_max_staged_bytes_and_accepted_again_once_rolled(
+    make_staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(staging_module, "STAGED_SCAN_SECONDS", 0.05)
+    staging = make_staging(max_staged_bytes=2000)
+    accepted = []
+    with pytest.raises(StagingFull) as info:
+        for i in range(1000):
+            staging.append_sync(P, rows(i * 5, 5))
+            accepted.extend(rows(i * 5, 5))
+    assert "staged" in info.value.reason and info.value.retry_after_ms > 0
+    assert 2000 < staging.staged_bytes() < 4000
+    staging.seal_all()
+    assert read_all(staging.sealed_segments(P)) == accepted  # nothing acknowledged was touched
+
+    # Another process starting now sees what is staged at once.
+    other = make_staging(max_staged_bytes=2000)
+    with pytest.raises(StagingFull):
+        other.append_sync(P, rows(10_000, 1))
+
+    # A roll takes the sealed segments away: the periodic scan notices and appends are accepted again.
+    shutil.rmtree(staging.root / P.relpath / "sealed")
+    wait_for(lambda: staging.pressure() is None, timeout=10, what="staged bytes to drop")
+    assert staging.append_sync(P, rows(20_000, 1)).accepted == 1
+
+
+def test_enospc_mid_write_cuts_the_frame_back_and_reports_staging_full(
+    staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = staging.append_sync(P, rows(0, 3))
+    path = staging.segment_path(P, first.segment, "open")
+    size_before = path.stat().st_size
+    real_write = os.write
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            if len(data) > 1:
+                return real_write(fd, memoryview(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(StagingFull, match="no space"):
+        staging.append_sync(P, rows(3, 50))
+    assert path.stat().st_size == size_before
+    assert verify_segment(path).valid
+    monkeypatch.undo()
+
+    retry = staging.append_sync(P, rows(3, 50))  # the failed rows were never remembered as seen
+    assert (retry.accepted, retry.duplicates) == (50, 0)
+    staging.seal_all()
+    assert read_all(staging.sealed_segments(P)) == rows(0, 53)
+
+
+def test_fsync_error_fails_the_request_and_keeps_acknowledged_rows(staging, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = staging.append_sync(P, rows(0, 2))
+    real_fsync = os.fsync
+    failures = {"left": 1}
+
+    def failing(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode) and failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError, match="I/O error"):
+        staging.append_sync(P, rows(2, 2))
+    # Cut back and fsynced again: the segment stays in use.
+    assert staging.append_sync(P, rows(4, 1)).segment == first.segment
+
+    # When even the cut cannot be made durable, the segment is given up (lock released) and recovery seals it.
+    failures["left"] = 2
+    with pytest.raises(OSError, match="I/O error"):
+        staging.append_sync(P, rows(5, 2))
+    monkeypatch.undo()
+    assert staging.segment_state(P, first.segment) == "open"
+    report = staging.recover()
+    assert report.sealed == [first.segment]
+    after = staging.append_sync(P, rows(7, 1))
+    assert after.segment != first.segment
+    staging.seal_all()
+    assert read_all(staging.sealed_segments(P)) == [*rows(0, 2), *rows(4, 1), *rows(7, 1)]

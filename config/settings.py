@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -49,6 +49,8 @@ class ServiceSettings(BaseSettings):
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     max_staged_bytes: int | None = Field(default=None, ge=1)
     retry_delay_ms: int = Field(default=5_000, ge=0)
+    commit_mode: Literal["inline", "thread"] = Field(
+        default="inline", description="inline: group commit on the event loop (fast fsync); thread: committer thread")
 
     # rolling
     flush_check_seconds: float = Field(default=30.0, gt=0)

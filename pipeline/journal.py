@@ -201,14 +201,17 @@ def scan_buffer(buf: bytes | bytearray | memoryview) -> SegmentScan:
 
 
 def _resync(buf: bytes | bytearray, start: int, end: int) -> int | None:
-    """Offset of the next valid frame at or after `start`, or None. Frames start right after a newline."""
+    """Offset of the next valid frame at or after `start`, or None.
+
+    Any '#' is a candidate, not only one after a newline: the damaged byte may be the newline that ended the bad
+    frame. The header pattern and the checksum reject false candidates.
+    """
     pos = start
     while True:
-        hit = buf.find(b"\n#", pos - 1 if pos > 0 else 0, end)
-        if hit < 0:
+        cand = buf.find(b"#", pos, end)
+        if cand < 0:
             return None
-        cand = hit + 1
-        if cand >= start and isinstance(check_frame(buf, cand, end), Frame):
+        if isinstance(check_frame(buf, cand, end), Frame):
             return cand
         pos = cand + 1
 

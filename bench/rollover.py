@@ -1,0 +1,241 @@
+"""Roll throughput and peak memory, each case beside its raw pyarrow baseline measured in the same command.
+
+    python bench/rollover.py [--rows 10000000] [--frame-rows 5000] [--cases csv-gzip,csv-zstd,parquet-zstd]
+
+Stages realistic rows once (USER_EMAIL, 64-hex sha256 identifiers, ts, session ids; frames of --frame-rows rows, 64 MB
+segments of several writers), then for each case:
+  * roll: a fresh child process hard-links the staged segments into its own staging root and runs roll_partition
+    (read journal -> encode -> publish to a local folder -> ledger); rows/s over the roll, peak RSS from VmHWM;
+  * raw: a child process loads the same rows into a pyarrow Table first (not timed), then times only the write:
+    CSVWriter into isal igzip level 1 / CSVWriter into Arrow's zstd stream / pq.write_table zstd.
+The ratio roll/raw is what to compare across runs (environment.md: absolute figures vary about +-30 %).
+Targets: CSV+gzip >= 1.5 M rows/s, Parquet+zstd >= 1.2 M rows/s, each >= 70 % of raw, peak RSS < 300 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CASES = {
+    "csv-gzip": ("csv", "gzip"),
+    "csv-zstd": ("csv", "zstd"),
+    "parquet-zstd": ("parquet", "zstd"),
+}
+TARGET_ROWS_PER_S = {"csv-gzip": 1_500_000, "parquet-zstd": 1_200_000}
+TARGET_RATIO = 0.70
+TARGET_RSS_MB = 300
+SEGMENT_BYTES = 64 * 1024 * 1024
+WRITERS = 2
+FEED, SEGMENT, OPERATION = "bench-feed", "seg-1", "UPSERT"
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stage(master: Path, rows: int, frame_rows: int) -> list[Path]:
+    """Write sealed segments in the journal format; returns their paths."""
+    from pipeline.journal import encode_frame
+
+    base_ms = 1_700_000_000_000
+    sealed = master / "sealed"
+    sealed.mkdir(parents=True)
+    paths: list[Path] = []
+    seq = [0] * WRITERS
+    current = None
+    size = 0
+    writer = 0
+    for start in range(0, rows, frame_rows):
+        n = min(frame_rows, rows - start)
+        hexes = os.urandom(32 * n).hex()
+        lines = [
+            f"USER_EMAIL\t{hexes[k * 64 : k * 64 + 64]}\t{base_ms + start + k}\tsess-{(start + k) // 40}\t1509\t\n"
+            for k in range(n)
+        ]
+        frame = encode_frame("".join(lines).encode(), n, base_ms + start)
+        if current is None or size + len(frame) > SEGMENT_BYTES:
+            if current is not None:
+                current.close()
+            writer = (writer + 1) % WRITERS
+            seq[writer] += 1
+            path = sealed / f"w{writer}-{seq[writer]:06d}.jnl"
+            paths.append(path)
+            current = open(path, "wb")
+            size = 0
+        current.write(frame)
+        size += len(frame)
+    if current is not None:
+        current.close()
+    return paths
+
+
+def child_roll(master: Path, work: Path, fmt: str, compression: str) -> dict:
+    from config.feed import FeedProperties
+    from pipeline.model import Partition
+    from pipeline.rollover import roll_partition
+    from sinks import open_sink
+
+    partition = Partition(FEED, SEGMENT, OPERATION)
+    root, dest = work / "root", work / "dest"
+    sealed = root / partition.relpath / "sealed"
+    sealed.mkdir(parents=True)
+    dest.mkdir()
+    for segment in sorted((master / "sealed").iterdir()):
+        os.link(segment, sealed / segment.name)  # the roll renames and deletes: give it its own links
+    props = FeedProperties(
+        destination_uri=f"file://{dest}", file_format=fmt, compression=compression, max_rows_per_file=5_000_000
+    )
+    started = time.perf_counter()
+    with open_sink(props) as sink:
+        outcome = roll_partition(root, partition, props, sink, now=datetime.now(UTC))
+    seconds = time.perf_counter() - started
+    if outcome.status != "published":
+        raise SystemExit(f"roll failed: {outcome}")
+    out_bytes = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    return {
+        "rows": outcome.rows,
+        "seconds": seconds,
+        "files": len(outcome.files),
+        "bytes": out_bytes,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def child_raw(master: Path, work: Path, fmt: str, compression: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+    from isal import igzip
+
+    from pipeline.staging import iter_batches
+
+    # The same rows and columns a roll writes (default columns), already in memory: only the write is timed.
+    parts = []
+    for batch in iter_batches(sorted((master / "sealed").iterdir())):
+        n = batch.num_rows
+        parts.append(
+            pa.RecordBatch.from_arrays(
+                [
+                    pa.array([SEGMENT] * n),
+                    pa.array([OPERATION] * n),
+                    batch.column("identifier_type"),
+                    batch.column("identifier"),
+                    batch.column("ts"),
+                ],
+                names=["segment_id", "operation", "identifier_type", "identifier", "ts"],
+            )
+        )
+    table = pa.Table.from_batches(parts)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "raw.out"
+    started = time.perf_counter()
+    if fmt == "parquet":
+        pq.write_table(table, path, compression=compression)
+    elif compression == "gzip":
+        with open(path, "wb") as f, igzip.IGzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
+            with pcsv.CSVWriter(gz, table.schema) as writer:
+                writer.write_table(table)
+    else:
+        with pa.CompressedOutputStream(str(path), compression) as stream, pcsv.CSVWriter(stream, table.schema) as w:
+            w.write_table(table)
+    seconds = time.perf_counter() - started
+    return {"rows": table.num_rows, "seconds": seconds, "bytes": path.stat().st_size}
+
+
+def run_child(mode: str, master: Path, work: Path, case: str) -> dict:
+    fmt, compression = CASES[case]
+    done = subprocess.run(
+        [sys.executable, __file__, f"--child-{mode}", str(master), str(work), fmt, compression],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} child for {case} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--frame-rows", type=int, default=5_000)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder, removed at the end")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    for mode in ("roll", "raw"):
+        parser.add_argument(f"--child-{mode}", nargs=4, metavar=("MASTER", "WORK", "FORMAT", "COMPRESSION"))
+    args = parser.parse_args()
+
+    if args.child_roll or args.child_raw:
+        mode = "roll" if args.child_roll else "raw"
+        master, work, fmt, compression = args.child_roll or args.child_raw
+        fn = child_roll if mode == "roll" else child_raw
+        print(json.dumps(fn(Path(master), Path(work), fmt, compression)))
+        return 0
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="filefeed-bench-"))
+    try:
+        started = time.perf_counter()
+        segments = stage(workdir / "master", args.rows, args.frame_rows)
+        staged_mb = sum(p.stat().st_size for p in segments) / 1e6
+        print(
+            f"staged {args.rows:,} rows in {len(segments)} segments ({staged_mb:,.0f} MB) "
+            f"in {time.perf_counter() - started:.1f}s; {os.cpu_count()} cores"
+        )
+        print(f"{'case':<14}{'roll rows/s':>14}{'raw rows/s':>14}{'ratio':>8}{'peak RSS':>11}{'out MB':>9}  verdict")
+        results = []
+        failed = False
+        for case in cases:
+            roll = run_child("roll", workdir / "master", workdir / f"roll-{case}", case)
+            raw = run_child("raw", workdir / "master", workdir / f"raw-{case}", case)
+            shutil.rmtree(workdir / f"roll-{case}", ignore_errors=True)
+            shutil.rmtree(workdir / f"raw-{case}", ignore_errors=True)
+            roll_rate = roll["rows"] / roll["seconds"]
+            raw_rate = raw["rows"] / raw["seconds"]
+            ratio = roll_rate / raw_rate
+            problems = []
+            if roll["rows"] != args.rows:
+                problems.append(f"rolled {roll['rows']} rows")
+            if case in TARGET_ROWS_PER_S and roll_rate < TARGET_ROWS_PER_S[case]:
+                problems.append(f"< {TARGET_ROWS_PER_S[case] / 1e6:.1f} M rows/s")
+            if ratio < TARGET_RATIO:
+                problems.append(f"< {TARGET_RATIO:.0%} of raw")
+            if roll["peak_rss_mb"] >= TARGET_RSS_MB:
+                problems.append(f"RSS >= {TARGET_RSS_MB} MB")
+            failed = failed or bool(problems)
+            print(
+                f"{case:<14}{roll_rate / 1e6:>12.2f} M{raw_rate / 1e6:>12.2f} M{ratio:>8.0%}"
+                f"{roll['peak_rss_mb']:>8.0f} MB{roll['bytes'] / 1e6:>9.0f}  {'; '.join(problems) or 'ok'}"
+            )
+            results.append({"case": case, "roll": roll, "raw": raw, "ratio": ratio, "problems": problems})
+        if args.json:
+            print(json.dumps(results, indent=1))
+        return 1 if failed else 0
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

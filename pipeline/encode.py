@@ -1,0 +1,563 @@
+"""Streaming encoders: staged record batches of one partition -> CSV (gzip/zstd/none) or Parquet files on local disk.
+
+Memory stays bounded whatever the number of rows: rows are regrouped into chunks of `CSV_CHUNK_ROWS`, a bounded
+queue holds a few encoded chunks, and Parquet keeps at most one row group in memory. Encoding overlaps the two cores:
+the caller's thread reads the input and formats CSV (or projects columns); a worker thread compresses, hashes and
+writes (gzip deflates on two block threads). Arrow, isal and zstd release the GIL in their hot loops.
+
+Output is deterministic: the same rows with the same spec give the same file names and the same bytes, however the
+input was batched (fixed chunk and row-group boundaries; gzip header mtime 0 and no file name; fixed zstd level;
+Parquet from a fixed writer version). Files are written to a hidden
+temporary name, fsynced, then renamed, so a reader of the output folder never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+from isal import igzip_threaded, isal_zlib
+
+from config.feed import COMPRESSIONS, Column, FeedProperties, parse_columns
+
+# Rows per chunk handed from the formatting thread to the compressing one: a few MB of CSV (about 100 bytes a row),
+# so the queue stays small in bytes and per-chunk overhead negligible.
+CSV_CHUNK_ROWS = 32_768
+# About 30 MB of Arrow data per Parquet row group: large enough for readers, small enough for the 300 MB ceiling.
+PARQUET_ROW_GROUP_ROWS = 262_144
+# Level 1 is isal's fastest that still compresses CSV about 2.8x; higher levels cost speed for a few percent.
+GZIP_LEVEL = 1
+# Deflate is the slowest stage of a CSV+gzip roll: two block compressors keep both cores busy.
+GZIP_THREADS = 2
+# zstd level 1 measured faster AND smaller than level 3 on identifier CSV (hex hashes), at about 500 MB/s.
+ZSTD_LEVEL = 1
+# Chunks in flight between the formatting thread and the compressing thread.
+QUEUE_DEPTH = 3
+
+# Partition-level values: one per roll, become constant columns.
+CONSTANT_SOURCES = ("feed_id", "segment_id", "operation")
+# Columns that are unique per row: a dictionary would only cost time before Parquet falls back to plain encoding.
+HIGH_CARDINALITY_SOURCES = frozenset({"identifier", "user_point_id", "ts"})
+SOURCE_TYPES: dict[str, pa.DataType] = {"ts": pa.int64()}
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """What the files look like: the part of the feed properties that decides the bytes."""
+
+    file_format: str  # csv | parquet
+    compression: str  # csv: gzip | zstd | none; parquet: snappy | zstd | none
+    columns: tuple[Column, ...]
+    max_rows_per_file: int
+
+    def __post_init__(self) -> None:
+        if self.file_format not in COMPRESSIONS:
+            raise ValueError(f"unknown file format {self.file_format!r}")
+        if self.compression not in COMPRESSIONS[self.file_format]:
+            raise ValueError(f"compression {self.compression!r} is not valid for {self.file_format}")
+        if self.max_rows_per_file < 1:
+            raise ValueError("max_rows_per_file must be at least 1")
+        if not self.columns:
+            raise ValueError("at least one column is needed")
+
+    @classmethod
+    def from_props(cls, props: FeedProperties) -> EncodeSpec:
+        return cls(
+            file_format=props.file_format,
+            compression=props.compression or "none",
+            columns=props.column_list,
+            max_rows_per_file=props.max_rows_per_file,
+        )
+
+    @property
+    def extension(self) -> str:
+        if self.file_format == "parquet":
+            return "parquet"
+        return {"gzip": "csv.gz", "zstd": "csv.zst", "none": "csv"}[self.compression]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file_format": self.file_format,
+            "compression": self.compression,
+            "columns": ",".join(f"{c.source}={c.header}" for c in self.columns),
+            "max_rows_per_file": self.max_rows_per_file,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EncodeSpec:
+        return cls(
+            file_format=str(data["file_format"]),
+            compression=str(data["compression"]),
+            columns=parse_columns(str(data["columns"])),
+            max_rows_per_file=int(data["max_rows_per_file"]),
+        )
+
+
+@dataclass(frozen=True)
+class EncodedFile:
+    """One finished local file. `name` is its file name inside the output folder."""
+
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def output_schema(spec: EncodeSpec) -> pa.Schema:
+    """Typed schema of the files: headers as field names, ts as int64, everything else as string."""
+    return pa.schema([(c.header, SOURCE_TYPES.get(c.source, pa.string())) for c in spec.columns])
+
+
+class _ColumnProjector:
+    """Select, order and rename the columns of staged batches; partition values become constant columns."""
+
+    def __init__(self, spec: EncodeSpec, constants: Mapping[str, str]):
+        missing = [s for s in CONSTANT_SOURCES if s in {c.source for c in spec.columns} and s not in constants]
+        if missing:
+            raise ValueError(f"constant value(s) missing for column(s): {', '.join(missing)}")
+        self.spec = spec
+        self.schema = output_schema(spec)
+        self.constants = dict(constants)
+        self._constant_arrays: dict[str, pa.Array] = {}
+
+    def _constant(self, source: str, rows: int) -> pa.Array:
+        cached = self._constant_arrays.get(source)
+        if cached is None or len(cached) < rows:
+            # Built once at the largest size seen, then sliced (zero copy) for every batch.
+            cached = pa.array([self.constants[source]] * max(rows, CSV_CHUNK_ROWS), pa.string())
+            self._constant_arrays[source] = cached
+        return cached.slice(0, rows)
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        rows = batch.num_rows
+        arrays: list[pa.Array] = []
+        for column, field in zip(self.spec.columns, self.schema, strict=True):
+            if column.source in CONSTANT_SOURCES:
+                arrays.append(self._constant(column.source, rows))
+                continue
+            array = batch.column(column.source)
+            if array.type != field.type:
+                array = array.cast(field.type)
+            arrays.append(array)
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+
+class _OrderedWorker:
+    """One background thread running submitted calls in order; the first error is raised back in the caller."""
+
+    def __init__(self, depth: int = QUEUE_DEPTH):
+        self._tasks: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="filefeed-encode", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                if task is None:
+                    return
+                if self._error is None:  # after an error, drain without running so submit() never blocks forever
+                    fn, args = task
+                    fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                self._error = e
+            finally:
+                self._tasks.task_done()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._raise_if_failed()
+        self._tasks.put((fn, args))
+
+    def drain(self) -> None:
+        """Wait until every submitted call ran; raise the first error."""
+        self._tasks.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._tasks.put(None)
+        self._thread.join()
+
+
+class _DigestFile:
+    """A write-only file that hashes and counts what goes through it (no second read to get the sha256)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        # O_EXCL: a leftover temp from a crashed run was removed by the caller; anything else is a bug to surface.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._sha.update(view)
+        self._file.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def sync_and_close(self) -> str:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self.closed = True
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        # pyarrow may close the sink it was given; the real close (with fsync) is sync_and_close().
+        pass
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.closed = True
+        self.path.unlink(missing_ok=True)
+
+
+class _Compressor(Protocol):
+    def compress(self, data: Any, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class _NoCompression:
+    def compress(self, data: Any, /) -> Any:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def _compressor(compression: str) -> _Compressor:
+    if compression == "gzip":
+        # Single-stream fallback (one thread); the file writer uses _GzipStream. wbits=31: gzip header, mtime 0.
+        return isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compressobj()
+    return _NoCompression()
+
+
+_CSV_OPTIONS = {
+    header: pcsv.WriteOptions(include_header=header, quoting_style="none", quoting_header="none", batch_size=8192)
+    for header in (True, False)
+}
+_CSV_SPECIAL = (",", '"', "\r", "\n")
+
+
+def _quote_minimal(value: object) -> str:
+    if value is None:
+        return ""
+    text = str(value)
+    if any(ch in text for ch in _CSV_SPECIAL):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def csv_chunk(batch: pa.RecordBatch | pa.Table, header: bool) -> Any:
+    """CSV bytes of `batch`: RFC 4180 with minimal quoting, UTF-8, `\\n` line ends, header names never quoted.
+
+    Arrow's writer either quotes every string or none, so the fast path writes unquoted and, when a value holds a
+    comma, quote or line break (Arrow refuses it), that slice is written by a small pure-Python minimal quoter.
+    Header names cannot need quotes: column headers are validated without commas, quotes or control characters.
+    """
+    sink = pa.BufferOutputStream()
+    try:
+        pcsv.write_csv(batch, sink, _CSV_OPTIONS[header])
+        return sink.getvalue()
+    except pa.ArrowInvalid:
+        pass
+    lines: list[str] = []
+    if header:
+        lines.append(",".join(batch.schema.names))
+    for row in zip(*(column.to_pylist() for column in batch.columns), strict=True):
+        lines.append(",".join(map(_quote_minimal, row)))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+class _FileWriter(Protocol):
+    rows: int
+
+    def write(self, batch: pa.RecordBatch) -> None: ...
+
+    def finish(self) -> EncodedFile: ...
+
+    def abort(self) -> None: ...
+
+
+class _LocalFile:
+    """Temp name while writing, final name after fsync + rename."""
+
+    def __init__(self, out_dir: Path, name: str):
+        self.name = name
+        self.final = out_dir / name
+        self.temp = out_dir / f".{name}.tmp"
+        self.temp.unlink(missing_ok=True)  # a leftover of a crashed encode
+        self.digest = _DigestFile(self.temp)
+
+    def commit(self, rows: int) -> EncodedFile:
+        sha256 = self.digest.sync_and_close()
+        os.replace(self.temp, self.final)
+        return EncodedFile(self.name, rows, self.digest.size, sha256)
+
+    def discard(self) -> None:
+        self.digest.discard()
+
+
+class _Rechunker:
+    """Regroup batches into chunks of exactly `rows` rows (the last may be short), whatever the input batching.
+
+    Fixed chunk boundaries make the output bytes depend on the rows only, not on how the reader batched them, and
+    make one CSV write or one queue item large enough that per-chunk overhead stays negligible.
+    """
+
+    def __init__(self, rows: int, emit: Callable[[pa.Table], None]):
+        self.rows = rows
+        self._emit = emit
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        offset = 0
+        while offset < batch.num_rows:
+            take = min(batch.num_rows - offset, self.rows - self._pending_rows)
+            self._pending.append(batch.slice(offset, take))
+            self._pending_rows += take
+            offset += take
+            if self._pending_rows == self.rows:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._pending_rows:
+            self._emit(pa.Table.from_batches(self._pending))
+        self._pending, self._pending_rows = [], 0
+
+
+class _GzipStream:
+    """gzip through isal in pigz style: 1 MiB blocks deflated on two threads, each primed with the previous block's
+    last 32 KiB, written in order. The header has mtime 0 and no file name, so bytes depend on the data only.
+    Never Arrow's own gzip stream: it is about 15x slower (environment.md)."""
+
+    def __init__(self, target: _DigestFile):
+        self._gz = igzip_threaded.open(target, "wb", compresslevel=GZIP_LEVEL, threads=GZIP_THREADS, block_size=1 << 20)
+
+    def compress(self, data: Any, /) -> bytes:
+        self._gz.write(data)
+        return b""
+
+    def flush(self) -> bytes:
+        self._gz.close()
+        return b""
+
+    def discard(self) -> None:
+        """Finish the stream into the file being thrown away: close() drains and joins the compression threads.
+
+        Stopping the threads without closing would leave a writer whose finalizer later blocks forever on its queue.
+        """
+        try:
+            self._gz.close()
+        except Exception:  # noqa: BLE001,S110 - already failing; the caller reports the first error
+            pass
+
+
+class _CsvFileWriter:
+    def __init__(self, out_dir: Path, name: str, spec: EncodeSpec, worker: _OrderedWorker):
+        self.rows = 0
+        self._worker = worker
+        self._file = _LocalFile(out_dir, name)
+        self._compressor: _Compressor = (
+            _GzipStream(self._file.digest) if spec.compression == "gzip" else _compressor(spec.compression)
+        )
+        self._chunks = _Rechunker(CSV_CHUNK_ROWS, self._format)
+        self._header_done = False
+
+    def _format(self, table: pa.Table) -> None:
+        # Formatting runs on the caller's thread, compression on the worker: the two cores overlap.
+        self._worker.submit(self._sink, csv_chunk(table, header=not self._header_done))
+        self._header_done = True
+
+    def _sink(self, chunk: Any) -> None:
+        data = self._compressor.compress(chunk)
+        if data:
+            self._file.digest.write(data)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._chunks.add(batch)
+        self.rows += batch.num_rows
+
+    def _close(self, result: list[EncodedFile]) -> None:
+        tail = self._compressor.flush()
+        if tail:
+            self._file.digest.write(tail)
+        result.append(self._file.commit(self.rows))
+
+    def finish(self) -> EncodedFile:
+        self._chunks.flush()
+        result: list[EncodedFile] = []
+        self._worker.submit(self._close, result)
+        self._worker.drain()
+        return result[0]
+
+    def abort(self) -> None:
+        if isinstance(self._compressor, _GzipStream):
+            self._compressor.discard()
+        self._file.discard()
+
+
+class _ParquetFileWriter:
+    def __init__(self, out_dir: Path, name: str, spec: EncodeSpec, worker: _OrderedWorker):
+        self.rows = 0
+        self._worker = worker
+        self._file = _LocalFile(out_dir, name)
+        schema = output_schema(spec)
+        dictionary = [c.header for c in spec.columns if c.source not in HIGH_CARDINALITY_SOURCES]
+        self._writer = pq.ParquetWriter(
+            self._file.digest,
+            schema,
+            compression=spec.compression,
+            use_dictionary=dictionary or False,
+            write_statistics=True,
+        )
+        # Chunks go to the worker, which collects whole row groups: at most one row group (+ a chunk) in memory.
+        self._chunks = _Rechunker(CSV_CHUNK_ROWS, lambda table: self._worker.submit(self._row_groups.add_table, table))
+        self._row_groups = _TableRechunker(PARQUET_ROW_GROUP_ROWS, self._write_row_group)
+
+    def _write_row_group(self, table: pa.Table) -> None:
+        self._writer.write_table(table, row_group_size=PARQUET_ROW_GROUP_ROWS)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._chunks.add(batch)
+        self.rows += batch.num_rows
+
+    def _close(self, result: list[EncodedFile]) -> None:
+        self._row_groups.flush()
+        self._writer.close()
+        result.append(self._file.commit(self.rows))
+
+    def finish(self) -> EncodedFile:
+        self._chunks.flush()
+        result: list[EncodedFile] = []
+        self._worker.submit(self._close, result)
+        self._worker.drain()
+        return result[0]
+
+    def abort(self) -> None:
+        self._file.discard()
+
+
+class _TableRechunker(_Rechunker):
+    """A _Rechunker fed with tables (chunks of whole row groups, on the worker thread)."""
+
+    def add_table(self, table: pa.Table) -> None:
+        for batch in table.to_batches():
+            self.add(batch)
+
+
+def local_file_name(part: int, spec: EncodeSpec) -> str:
+    return f"part-{part:05d}.{spec.extension}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_batches(
+    batches: Iterable[pa.RecordBatch],
+    spec: EncodeSpec,
+    constants: Mapping[str, str],
+    out_dir: Path,
+    *,
+    on_file: Callable[[EncodedFile], None] | None = None,
+) -> list[EncodedFile]:
+    """Encode staged batches (STAGED_SCHEMA) into files `part-00001.<ext>`, ... in `out_dir`.
+
+    Args:
+        batches: record batches with the staged columns, in the order rows must appear.
+        spec: format, compression, columns and the row cap per file.
+        constants: feed_id, segment_id and operation of the partition (the constant columns).
+        out_dir: existing local folder; finished files appear there only complete (temp + fsync + rename).
+        on_file: called after each file is renamed into place (progress, lease heartbeat, crash tests).
+
+    Returns the files in part order; an input without rows gives no file at all.
+    """
+    project = _ColumnProjector(spec, constants)
+    writer_class = _ParquetFileWriter if spec.file_format == "parquet" else _CsvFileWriter
+    files: list[EncodedFile] = []
+    current: _FileWriter | None = None
+    worker = _OrderedWorker()
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            projected = project(batch)
+            offset = 0
+            while offset < projected.num_rows:
+                if current is None:
+                    current = writer_class(out_dir, local_file_name(len(files) + 1, spec), spec, worker)
+                take = min(projected.num_rows - offset, spec.max_rows_per_file - current.rows)
+                current.write(projected.slice(offset, take))
+                offset += take
+                if current.rows >= spec.max_rows_per_file:
+                    files.append(_finish(current, on_file))
+                    current = None
+        if current is not None:
+            files.append(_finish(current, on_file))
+            current = None
+    except BaseException:
+        if current is not None:
+            try:
+                worker.drain()
+            except BaseException:  # noqa: BLE001,S110 - the original error is the one to report
+                pass
+            current.abort()
+        raise
+    finally:
+        worker.close()
+    if files:
+        fsync_dir(out_dir)
+    return files
+
+
+def _finish(writer: _FileWriter, on_file: Callable[[EncodedFile], None] | None) -> EncodedFile:
+    encoded = writer.finish()
+    if on_file is not None:
+        on_file(encoded)
+    return encoded

@@ -1,0 +1,109 @@
+"""Deterministic remote names for the files of a roll, rendered from the feed's `file_name_template`.
+
+Every value comes from the roll (its id and planned time, fixed in plan.json) or the partition, never from the clock
+at publish time: a roll resumed after a crash renders exactly the same names, which is what makes publishing
+idempotent (field-notes (b)4-5).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from config.feed import TEMPLATE_MACROS
+from pipeline.model import Partition
+
+MAX_NAME_LENGTH = 1024
+# Values that come from row data (datamart_id) are reduced to this alphabet so they cannot add path segments.
+_UNSAFE_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class UnsafeNameError(ValueError):
+    """A rendered name that must not be published (path escape, hidden file, NUL, too long)."""
+
+
+@dataclass(frozen=True)
+class NameContext:
+    """The values of a roll that names are rendered from."""
+
+    partition: Partition
+    batch_id: str
+    planned_at: datetime
+    extension: str
+    file_format: str
+    datamart_id: str = ""
+
+    def values(self, part: int | str) -> dict[str, str]:
+        planned = self.planned_at.astimezone(UTC)
+        return {
+            "feed_id": self.partition.feed_id,
+            "segment_id": self.partition.segment_id,
+            "operation": self.partition.operation,
+            "datamart_id": safe_value(self.datamart_id) or "unknown",
+            "date": planned.strftime("%Y%m%d"),
+            "time": planned.strftime("%H%M%S"),
+            "batch_id": self.batch_id,
+            "part": f"{part:05d}" if isinstance(part, int) else part,
+            "ext": self.extension,
+            "format": self.file_format,
+        }
+
+
+def safe_value(value: str) -> str:
+    return _UNSAFE_VALUE.sub("_", value).strip(".")
+
+
+def render_name(template: str, context: NameContext, part: int) -> str:
+    """The remote name of file number `part` (1-based) of the roll; raises UnsafeNameError for an unsafe result."""
+    if part < 1:
+        raise ValueError("part numbers start at 1")
+    return check_name(_render(template, context.values(part)))
+
+
+def manifest_name(file_names: list[str], batch_id: str) -> str:
+    """`<folder of the first file>/<batch_id>.manifest.json`: beside the files it lists, unique per roll.
+
+    A separate name (not the template with a fake part) keeps partners' `*.csv.gz`-style globs from matching it
+    and lets a consumer find every manifest with `*.manifest.json`.
+    """
+    folder = file_names[0].rpartition("/")[0] if file_names else ""
+    name = f"{batch_id}.manifest.json"
+    return check_name(f"{folder}/{name}" if folder else name)
+
+
+def _render(template: str, values: dict[str, str]) -> str:
+    out: list[str] = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        out.append(literal)
+        if field is None:
+            continue
+        if field not in TEMPLATE_MACROS:
+            raise UnsafeNameError(f"unknown macro {{{field}}} in file_name_template")
+        value = values[field]
+        if conversion:
+            raise UnsafeNameError(f"conversions such as !{conversion} are not supported in file_name_template")
+        out.append(format(value, spec) if spec else value)
+    return "".join(out)
+
+
+def check_name(name: str) -> str:
+    """Refuse names that could escape the destination prefix, hide as temp files, or break a filesystem."""
+    if not name:
+        raise UnsafeNameError("rendered file name is empty")
+    if "\x00" in name or "\\" in name:
+        raise UnsafeNameError("rendered file name contains NUL or a backslash")
+    if name.startswith("/"):
+        raise UnsafeNameError("rendered file name starts with '/'")
+    if len(name) > MAX_NAME_LENGTH:
+        raise UnsafeNameError(f"rendered file name is longer than {MAX_NAME_LENGTH} characters")
+    for segment in name.split("/"):
+        if segment in ("", ".", ".."):
+            raise UnsafeNameError("rendered file name has an empty, '.' or '..' path segment")
+        if segment.startswith("."):
+            # Sinks publish through dot-prefixed temp names; a final name must never look like one.
+            raise UnsafeNameError("rendered file name has a path segment starting with '.'")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        raise UnsafeNameError("rendered file name contains control characters")
+    return name

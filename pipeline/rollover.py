@@ -1,0 +1,909 @@
+"""The roll state machine of one partition: sealed segments -> files published through a sink -> ledger.
+
+A roll moves through states on disk, each entered by a rename after an fsync (layout in pipeline/ledger.py):
+
+    1. lease      `lease` created exclusively; a stale one (dead pid on this host, or no heartbeat) is broken safely
+    2. plan       `rolling/<roll_id>/plan.json` appears whole (the folder is renamed into place), then the listed
+                  segments move `sealed/ -> rolling/<roll_id>/segments/`
+    3. encode     files into `rolling/<roll_id>/out/`, then `encoded.json` (names, rows, bytes, sha256)
+    4. publish    each file through the sink (atomic, idempotent by name), a `sent/` marker after each, then the
+                  manifest last
+    5. ledger     `published/<roll_id>.json`, then `rolling/<roll_id>/` is removed
+    6. errors     transient: `rolling/<roll_id>/` stays and the next roll of the partition resumes it first;
+                  terminal: it moves to `failed/<roll_id>/` with `reason.json`; `retry_failed` moves it back
+
+Why a crash anywhere loses no row and publishes none twice: the rows of a roll are exactly its segments (moved out
+of sealed/ before encoding, so no other roll can take them); names depend only on plan.json (roll id, planned time,
+props snapshot) and the segment contents, so a resumed roll renders the same names with the same bytes; the sink
+publishes atomically and idempotently by name; the ledger is written before the roll folder is removed, and a roll
+folder whose ledger entry exists is only cleaned up.
+
+Test hook: `FILEFEED_CRASH_AT=<point>` makes the process `os._exit(137)` at that point (see `CRASH_POINTS`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from config.feed import FeedProperties
+from pipeline.encode import EncodedFile, EncodeSpec, encode_batches
+from pipeline.ledger import (
+    FAILED,
+    OPEN,
+    ROLLING,
+    SEALED,
+    Ledger,
+    LedgerEntry,
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    json_bytes,
+    partition_dir,
+    read_json,
+)
+from pipeline.model import Partition
+from pipeline.naming import NameContext, UnsafeNameError, manifest_name, render_name
+from sinks.base import Sink, SinkError, TerminalError
+
+log = logging.getLogger(__name__)
+
+SEGMENT_SUFFIX = ".jnl"
+LEASE_NAME = "lease"
+# A holder refreshes its lease at least this often while it works; a lease older than LEASE_STALE_SECONDS belongs
+# to a holder that is gone (another host, a frozen process) and may be broken.
+LEASE_HEARTBEAT_SECONDS = 2.0
+LEASE_STALE_SECONDS = 600.0
+# Errors nobody classified (bugs, corrupt data, surprises in a client library) are retried this many runs of the
+# roll, then the roll goes to failed/ (design-notes.md, Errors).
+MAX_UNKNOWN_ATTEMPTS = 5
+MAX_ERROR_MESSAGE = 500
+# Journal bytes parsed per batch: 2 MiB reads as fast as 8 MiB and keeps about 80 MB less resident (bench).
+READ_CHUNK_BYTES = 2 * 1024 * 1024
+PLAN_VERSION = 1
+
+CRASH_ENV = "FILEFEED_CRASH_AT"
+# Named points where FILEFEED_CRASH_AT kills the process; `move:N`, `encode_file:N`, `publish:N` count from 1.
+CRASH_POINTS = (
+    "lease",
+    "plan",
+    "move:N",
+    "moves",
+    "encode_file:N",
+    "encode",
+    "publish:N",
+    "manifest",
+    "ledger",
+)
+
+STATUSES = ("published", "nothing", "transient", "terminal", "busy")
+
+SegmentReader = Callable[[list[Path]], Iterable[pa.RecordBatch]]
+
+
+def crash_point(name: str) -> None:
+    """Die like a kill -9 at `name` when the crash tests ask for it; free when the variable is unset."""
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(137)
+
+
+@dataclass(frozen=True)
+class RollOutcome:
+    """What a call to roll_partition / retry_failed did.
+
+    status: "published" (at least one file published), "nothing" (no rows to publish), "transient" (a roll waits in
+    rolling/ for the next call), "terminal" (a roll moved to failed/), "busy" (another roller holds the lease).
+    """
+
+    status: str
+    roll_ids: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # remote names of the data files published by this call (manifests not included)
+    rows: int = 0
+    error: str | None = None
+    error_kind: str | None = None
+
+
+class RollError(Exception):
+    """A roll failure, already classified."""
+
+    def __init__(self, message: str, *, transient: bool, kind: str, error_class: str):
+        super().__init__(message)
+        self.transient = transient
+        self.kind = kind
+        self.error_class = error_class
+
+
+class LeaseLost(Exception):
+    """Our lease was broken by another roller (we looked dead or stalled): stop before publishing anything else."""
+
+
+# -- lease ---------------------------------------------------------------------------------------------------------
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot: tells a live holder from a new process that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces, so count from the closing parenthesis.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int, start_ticks: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if start_ticks is not None:
+        current = _proc_start_ticks(pid)
+        if current is not None and current != start_ticks:
+            return False
+    return True
+
+
+class Lease:
+    """Exclusive right to roll one partition, held by one process on one host.
+
+    The lease file is made whole in a private temp file, then linked to `lease`: link(2) fails with EEXIST exactly
+    like open(O_CREAT|O_EXCL), but nobody can ever see a lease without its holder's pid, host and time in it.
+    """
+
+    def __init__(self, path: Path, token: str):
+        self.path = path
+        self.token = token
+        self._last_beat = time.monotonic()
+
+    @classmethod
+    def acquire(
+        cls, pdir: Path, *, wait_seconds: float = 0.0, stale_after: float = LEASE_STALE_SECONDS
+    ) -> Lease | None:
+        """The lease, or None when another live roller still holds it after `wait_seconds`."""
+        pdir.mkdir(parents=True, exist_ok=True)
+        path = pdir / LEASE_NAME
+        token = uuid.uuid4().hex
+        body = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "start_ticks": _proc_start_ticks(os.getpid()),
+            "acquired_at": datetime.now(UTC).isoformat(),
+            "token": token,
+        }
+        temp = pdir / f".lease.{token}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, json_bytes(body))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + wait_seconds
+        try:
+            while True:
+                try:
+                    os.link(temp, path)
+                    fsync_dir(pdir)
+                    return cls(path, token)
+                except FileExistsError:
+                    pass
+                if _break_if_stale(pdir, path, stale_after):
+                    continue
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.05)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def heartbeat(self, force: bool = False) -> None:
+        """Show we are alive (mtime), at most every LEASE_HEARTBEAT_SECONDS; raise LeaseLost if it is not ours."""
+        now = time.monotonic()
+        if not force and now - self._last_beat < LEASE_HEARTBEAT_SECONDS:
+            return
+        self._last_beat = now
+        if _lease_token(self.path) != self.token:
+            raise LeaseLost(f"lease {self.path} was taken over by another roller")
+        os.utime(self.path)
+
+    def release(self) -> None:
+        if _lease_token(self.path) == self.token:
+            self.path.unlink(missing_ok=True)
+            fsync_dir(self.path.parent)
+
+
+def _lease_token(path: Path) -> str | None:
+    try:
+        return str(read_json(path).get("token"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _lease_is_stale(path: Path, stale_after: float) -> tuple[bool, str | None]:
+    try:
+        data = read_json(path)
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False, None
+    except (OSError, ValueError):
+        return False, None  # half-visible cannot happen (link), so unreadable means "try again"
+    if not isinstance(data, dict):
+        return age > stale_after, None
+    token = data.get("token")
+    if data.get("host") == socket.gethostname():
+        try:
+            pid = int(data.get("pid", -1))
+        except (TypeError, ValueError):
+            pid = -1
+        if pid <= 0 or not _pid_alive(pid, data.get("start_ticks")):
+            return True, token
+    return age > stale_after, token
+
+
+def _break_if_stale(pdir: Path, path: Path, stale_after: float) -> bool:
+    """Remove a stale lease. Breakers take turns under flock and re-check, so two of them never remove a fresh one."""
+    stale, token = _lease_is_stale(path, stale_after)
+    if not stale:
+        return False
+    with open(pdir / ".lease-break", "a+b") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale_again, token_again = _lease_is_stale(path, stale_after)
+        if not stale_again or token_again != token:
+            return not path.exists()
+        log.warning("breaking stale lease %s", path)
+        path.unlink(missing_ok=True)
+        fsync_dir(pdir)
+        return True
+
+
+# -- planning --------------------------------------------------------------------------------------------------------
+
+
+def make_roll_id(partition: Partition, segments: list[str], planned_at: datetime) -> str:
+    """`<UTC yyyymmddTHHMMSS>-<hash>`: sorts by time; the hash covers the partition so ids never repeat across
+    partitions that share a destination folder."""
+    digest = hashlib.sha256("\n".join([partition.relpath, *segments]).encode()).hexdigest()[:10]
+    return f"{planned_at.astimezone(UTC):%Y%m%dT%H%M%S}-{digest}"
+
+
+def sealed_segments(pdir: Path) -> list[str]:
+    try:
+        names = os.listdir(pdir / SEALED)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.endswith(SEGMENT_SUFFIX) and not n.startswith("."))
+
+
+def pending_rolls(root: Path | str, partition: Partition) -> list[str]:
+    """Rolls started but not finished (waiting for a resume), oldest first."""
+    return _roll_names(partition_dir(root, partition) / ROLLING)
+
+
+def failed_rolls(root: Path | str, partition: Partition) -> list[str]:
+    return _roll_names(partition_dir(root, partition) / FAILED)
+
+
+def _roll_names(folder: Path) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(folder) if not n.startswith(".") and (folder / n).is_dir())
+    except FileNotFoundError:
+        return []
+
+
+@dataclass
+class _Plan:
+    roll_id: str
+    partition: Partition
+    planned_at: datetime
+    segments: list[str]
+    spec: EncodeSpec
+    template: str
+    write_manifest: bool
+    datamart_id: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "roll_id": self.roll_id,
+            "partition": str(self.partition),
+            "planned_at": self.planned_at.isoformat(),
+            "segments": self.segments,
+            "spec": self.spec.to_dict(),
+            "file_name_template": self.template,
+            "write_manifest": self.write_manifest,
+            "datamart_id": self.datamart_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], partition: Partition) -> _Plan:
+        return cls(
+            roll_id=str(data["roll_id"]),
+            partition=partition,
+            planned_at=datetime.fromisoformat(str(data["planned_at"])),
+            segments=[str(s) for s in data["segments"]],
+            spec=EncodeSpec.from_dict(data["spec"]),
+            template=str(data["file_name_template"]),
+            write_manifest=bool(data["write_manifest"]),
+            datamart_id=data.get("datamart_id"),
+        )
+
+
+def _plan_roll(
+    pdir: Path, partition: Partition, props: FeedProperties, now: datetime, datamart_id: str | None
+) -> _Plan | None:
+    segments = sealed_segments(pdir)
+    if not segments:
+        return None
+    planned_at = now.astimezone(UTC).replace(microsecond=0)
+    roll_id = make_roll_id(partition, segments, planned_at)
+    rolling = pdir / ROLLING
+    if (rolling / roll_id).exists() or (pdir / FAILED / roll_id).exists() or Ledger(pdir).has(roll_id):
+        raise RollError(
+            f"roll id {roll_id} already exists: segment names were reused",
+            transient=False,
+            kind="state",
+            error_class="RollIdCollision",
+        )
+    plan = _Plan(
+        roll_id=roll_id,
+        partition=partition,
+        planned_at=planned_at,
+        segments=segments,
+        spec=EncodeSpec.from_props(props),
+        template=props.file_name_template,
+        write_manifest=props.write_manifest,
+        datamart_id=datamart_id,
+    )
+    # The roll folder is built under a hidden name and renamed into place, so rolling/<roll_id>/ never exists
+    # without its plan; a hidden leftover of a crash holds no segment and is simply removed.
+    rolling.mkdir(parents=True, exist_ok=True)
+    staging_dir = rolling / f".{roll_id}.new"
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    (staging_dir / "segments").mkdir(parents=True)
+    atomic_write_json(staging_dir / "plan.json", plan.to_dict())
+    fsync_dir(staging_dir)
+    os.rename(staging_dir, rolling / roll_id)
+    fsync_dir(rolling)
+    crash_point("plan")
+    return plan
+
+
+def _finish_moves(pdir: Path, rdir: Path, plan: _Plan) -> None:
+    """Move every planned segment into the roll (again after a crash: the ones already moved are skipped)."""
+    sealed = pdir / SEALED
+    target = rdir / "segments"
+    target.mkdir(exist_ok=True)
+    moved_any = False
+    for index, name in enumerate(plan.segments, 1):
+        if (target / name).exists():
+            continue
+        try:
+            os.rename(sealed / name, target / name)
+        except FileNotFoundError:
+            raise RollError(
+                f"planned segment {name} is neither in sealed/ nor in the roll",
+                transient=False,
+                kind="missing_segment",
+                error_class="MissingSegment",
+            ) from None
+        moved_any = True
+        crash_point(f"move:{index}")
+    if moved_any:
+        fsync_dir(target)
+        fsync_dir(sealed)
+    crash_point("moves")
+
+
+# -- one roll --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RollDone:
+    roll_id: str
+    files: list[str] = field(default_factory=list)
+    rows: int = 0
+
+
+def _default_reader(paths: list[Path]) -> Iterable[pa.RecordBatch]:
+    from pipeline import staging  # imported late: staging is optional for encoding-only users and tests
+
+    return staging.iter_batches(paths, chunk_bytes=READ_CHUNK_BYTES)
+
+
+class _DatamartProbe:
+    """Pass batches through and remember the first datamart_id seen (names may use it; rows carry it)."""
+
+    def __init__(self, batches: Iterable[pa.RecordBatch]):
+        self._batches = batches
+        self.datamart_id: str | None = None
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        for batch in self._batches:
+            if self.datamart_id is None and batch.num_rows and "datamart_id" in batch.schema.names:
+                column = batch.column("datamart_id").drop_null()
+                if len(column):
+                    self.datamart_id = str(column[0].as_py())
+            yield batch
+
+
+def _encode(rdir: Path, plan: _Plan, reader: SegmentReader, lease: Lease) -> dict[str, Any]:
+    out = rdir / "out"
+    shutil.rmtree(out, ignore_errors=True)  # a half-encoded output from a crash: encoding again gives the same files
+    out.mkdir()
+    paths = [rdir / "segments" / name for name in plan.segments]
+    probe = _DatamartProbe(reader(paths))
+    constants = {
+        "feed_id": plan.partition.feed_id,
+        "segment_id": plan.partition.segment_id,
+        "operation": plan.partition.operation,
+    }
+
+    def on_file(encoded: EncodedFile) -> None:
+        lease.heartbeat()
+        crash_point(f"encode_file:{int(encoded.name.split('-')[1].split('.')[0])}")
+
+    files = encode_batches(probe, plan.spec, constants, out, on_file=on_file)
+    datamart_id = plan.datamart_id or probe.datamart_id or ""
+    context = NameContext(
+        partition=plan.partition,
+        batch_id=plan.roll_id,
+        planned_at=plan.planned_at,
+        extension=plan.spec.extension,
+        file_format=plan.spec.file_format,
+        datamart_id=datamart_id,
+    )
+    entries = [
+        {
+            "local": f.name,
+            "name": render_name(plan.template, context, i),
+            "rows": f.rows,
+            "bytes": f.bytes,
+            "sha256": f.sha256,
+        }
+        for i, f in enumerate(files, 1)
+    ]
+    if len({e["name"] for e in entries}) != len(entries):
+        raise UnsafeNameError("file_name_template renders the same name for two parts")
+    manifest: dict[str, Any] | None = None
+    if plan.write_manifest and entries:
+        name = manifest_name([e["name"] for e in entries], plan.roll_id)
+        body = json_bytes(_manifest_body(plan, entries, datamart_id))
+        atomic_write_bytes(out / "manifest.json", body)
+        manifest = {
+            "local": "manifest.json",
+            "name": name,
+            "bytes": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(),
+        }
+    encoded = {
+        "roll_id": plan.roll_id,
+        "datamart_id": datamart_id,
+        "files": entries,
+        "rows": sum(e["rows"] for e in entries),
+        "bytes": sum(e["bytes"] for e in entries),
+        "manifest": manifest,
+    }
+    atomic_write_json(rdir / "encoded.json", encoded)
+    crash_point("encode")
+    return encoded
+
+
+def _manifest_body(plan: _Plan, entries: list[dict[str, Any]], datamart_id: str) -> dict[str, Any]:
+    """The manifest a partner reads: deterministic (planned time, not publish time) so a re-publish is identical."""
+    return {
+        "manifest_version": 1,
+        "batch_id": plan.roll_id,
+        "feed_id": plan.partition.feed_id,
+        "segment_id": plan.partition.segment_id,
+        "operation": plan.partition.operation,
+        "datamart_id": datamart_id,
+        "created_at": plan.planned_at.isoformat().replace("+00:00", "Z"),
+        "format": plan.spec.file_format,
+        "compression": plan.spec.compression,
+        "columns": [{"source": c.source, "header": c.header} for c in plan.spec.columns],
+        "files": [{k: e[k] for k in ("name", "rows", "bytes", "sha256")} for e in entries],
+        "counts": {
+            "files": len(entries),
+            "rows": sum(e["rows"] for e in entries),
+            "bytes": sum(e["bytes"] for e in entries),
+        },
+    }
+
+
+def _load_encoded(rdir: Path) -> dict[str, Any] | None:
+    """encoded.json when its files are all there with the recorded sizes; None means encode (again)."""
+    try:
+        encoded = read_json(rdir / "encoded.json")
+    except FileNotFoundError:
+        return None
+    out = rdir / "out"
+    listed = list(encoded["files"]) + ([encoded["manifest"]] if encoded.get("manifest") else [])
+    for entry in listed:
+        try:
+            if (out / entry["local"]).stat().st_size != entry["bytes"]:
+                return None
+        except FileNotFoundError:
+            return None
+    return encoded
+
+
+def _publish_one(sink: Sink, local: Path, name: str, size: int, marker: Path) -> None:
+    if marker.exists():
+        return  # published before a crash; the sink would accept it again, this just saves the upload
+    result = sink.publish(local, name)
+    if result.size != size:
+        raise TerminalError(f"published {name} has {result.size} bytes, expected {size}", kind="mismatch")
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, json_bytes({"name": name, "url": result.url, "already_present": result.already_present}))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(marker.parent)
+
+
+def _publish(rdir: Path, encoded: Mapping[str, Any], sink: Sink, lease: Lease) -> None:
+    sent = rdir / "sent"
+    sent.mkdir(exist_ok=True)
+    out = rdir / "out"
+    for index, entry in enumerate(encoded["files"], 1):
+        lease.heartbeat()
+        _publish_one(sink, out / entry["local"], entry["name"], entry["bytes"], sent / f"{index:05d}.json")
+        crash_point(f"publish:{index}")
+    manifest = encoded.get("manifest")
+    if manifest:
+        lease.heartbeat()
+        _publish_one(sink, out / manifest["local"], manifest["name"], manifest["bytes"], sent / "manifest.json")
+        crash_point("manifest")
+
+
+def _record_and_clean(pdir: Path, rdir: Path, plan: _Plan, encoded: Mapping[str, Any]) -> None:
+    manifest = encoded.get("manifest")
+    entry = LedgerEntry(
+        roll_id=plan.roll_id,
+        partition=str(plan.partition),
+        planned_at=plan.planned_at.isoformat(),
+        published_at=datetime.now(UTC).isoformat(),
+        files=tuple({k: f[k] for k in ("name", "rows", "bytes", "sha256")} for f in encoded["files"]),
+        manifest={k: manifest[k] for k in ("name", "bytes", "sha256")} if manifest else None,
+        rows=int(encoded["rows"]),
+        bytes=int(encoded["bytes"]),
+        segments=tuple(plan.segments),
+    )
+    Ledger(pdir).record(entry)
+    crash_point("ledger")
+    _remove_roll_dir(rdir)
+
+
+def _remove_roll_dir(rdir: Path) -> None:
+    # Renamed out of the way first: `ls rolling/` stops listing it at once; a crash mid-delete leaves a hidden
+    # folder that the next roll removes.
+    trash = rdir.with_name(f".{rdir.name}.done")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(rdir, trash)
+    fsync_dir(rdir.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _bump_attempts(rdir: Path) -> int:
+    path = rdir / "attempts.json"
+    try:
+        attempts = int(read_json(path).get("attempts", 0))
+    except (FileNotFoundError, ValueError, AttributeError):
+        attempts = 0
+    attempts += 1
+    atomic_write_json(path, {"attempts": attempts})
+    return attempts
+
+
+def _is_corrupt_segment(error: BaseException) -> bool:
+    try:
+        from pipeline.staging import CorruptSegment
+    except ImportError:  # pragma: no cover - staging is part of the package; only a broken install lacks it
+        return False
+    return isinstance(error, CorruptSegment)
+
+
+def _classify(error: BaseException, attempts: int) -> RollError:
+    if isinstance(error, RollError):
+        return error
+    message = str(error)[:MAX_ERROR_MESSAGE]
+    name = type(error).__name__
+    if isinstance(error, LeaseLost):
+        return RollError(message, transient=True, kind="lease_lost", error_class=name)
+    if isinstance(error, SinkError):
+        return RollError(message, transient=error.transient, kind=error.kind, error_class=name)
+    if isinstance(error, UnsafeNameError):
+        return RollError(message, transient=False, kind="config", error_class=name)
+    if _is_corrupt_segment(error):
+        # A checksum mismatch does not heal by retrying: keep the roll in failed/ for `filefeed inspect`/repair.
+        return RollError(message, transient=False, kind="corrupt_segment", error_class=name)
+    if isinstance(error, OSError):
+        # Local disk trouble (full, I/O): the data is intact in the roll folder, a later run can succeed.
+        return RollError(f"{name}: {error.strerror or message}", transient=True, kind="local_io", error_class=name)
+    transient = attempts < MAX_UNKNOWN_ATTEMPTS
+    return RollError(f"{name}: {message}", transient=transient, kind="unknown", error_class=name)
+
+
+def _fail(pdir: Path, rdir: Path, error: RollError, attempts: int) -> None:
+    reason = {
+        "roll_id": rdir.name,
+        "error_class": error.error_class,
+        "kind": error.kind,
+        "message": str(error)[:MAX_ERROR_MESSAGE],
+        "failed_at": datetime.now(UTC).isoformat(),
+        "attempts": attempts,
+    }
+    atomic_write_json(rdir / "reason.json", reason)
+    failed = pdir / FAILED
+    failed.mkdir(exist_ok=True)
+    os.rename(rdir, failed / rdir.name)
+    fsync_dir(failed)
+    fsync_dir(rdir.parent)
+
+
+def _run_roll(
+    pdir: Path, partition: Partition, roll_id: str, sink: Sink, reader: SegmentReader, lease: Lease
+) -> _RollDone:
+    """Drive one roll folder from whatever state it is in to the ledger. Raises RollError (already handled on disk)."""
+    rdir = pdir / ROLLING / roll_id
+    ledger = Ledger(pdir)
+    done = ledger.get(roll_id)
+    if done is not None:
+        _remove_roll_dir(rdir)  # crashed after the ledger entry: only the clean-up was left
+        return _RollDone(roll_id)
+    attempts = _bump_attempts(rdir)
+    try:
+        plan = _Plan.from_dict(read_json(rdir / "plan.json"), partition)
+        _finish_moves(pdir, rdir, plan)
+        encoded = _load_encoded(rdir)
+        if encoded is None:
+            encoded = _encode(rdir, plan, reader, lease)
+        _publish(rdir, encoded, sink, lease)
+        _record_and_clean(pdir, rdir, plan, encoded)
+    except Exception as e:  # noqa: BLE001 - classified once, here
+        error = _classify(e, attempts)
+        if error.transient:
+            log.warning("roll %s of %s: transient %s: %s", roll_id, partition, error.kind, error)
+        else:
+            log.error("roll %s of %s failed: %s: %s", roll_id, partition, error.kind, error)
+            _fail(pdir, rdir, error, attempts)
+        raise error from e
+    return _RollDone(roll_id, [f["name"] for f in encoded["files"]], int(encoded["rows"]))
+
+
+def _clean_hidden_leftovers(pdir: Path) -> None:
+    rolling = pdir / ROLLING
+    try:
+        names = os.listdir(rolling)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith(".") and (name.endswith(".new") or name.endswith(".done")):
+            shutil.rmtree(rolling / name, ignore_errors=True)
+
+
+def _roll_locked(
+    pdir: Path,
+    partition: Partition,
+    props: FeedProperties | None,
+    sink: Sink,
+    reader: SegmentReader,
+    lease: Lease,
+    now: datetime,
+    datamart_id: str | None,
+) -> RollOutcome:
+    crash_point("lease")
+    _clean_hidden_leftovers(pdir)
+    roll_ids: list[str] = []
+    files: list[str] = []
+    rows = 0
+
+    def outcome(status: str, error: RollError | None = None) -> RollOutcome:
+        return RollOutcome(
+            status=status,
+            roll_ids=tuple(roll_ids),
+            files=tuple(files),
+            rows=rows,
+            error=str(error) if error else None,
+            error_kind=error.kind if error else None,
+        )
+
+    # Unfinished rolls first: their rows are older than anything still in sealed/.
+    pending = _roll_names(pdir / ROLLING)
+    try:
+        for roll_id in pending:
+            roll_ids.append(roll_id)
+            done = _run_roll(pdir, partition, roll_id, sink, reader, lease)
+            files.extend(done.files)
+            rows += done.rows
+        if props is not None:
+            plan = _plan_roll(pdir, partition, props, now, datamart_id)
+            if plan is not None:
+                roll_ids.append(plan.roll_id)
+                done = _run_roll(pdir, partition, plan.roll_id, sink, reader, lease)
+                files.extend(done.files)
+                rows += done.rows
+    except RollError as e:
+        return outcome("transient" if e.transient else "terminal", e)
+    return outcome("published" if files else "nothing")
+
+
+def roll_partition(
+    root: Path | str,
+    partition: Partition,
+    props: FeedProperties,
+    sink: Sink,
+    *,
+    now: datetime | None = None,
+    wait_seconds: float = 0.0,
+    datamart_id: str | None = None,
+    reader: SegmentReader | None = None,
+    lease_stale_after: float = LEASE_STALE_SECONDS,
+) -> RollOutcome:
+    """Resume the partition's unfinished rolls, then roll everything in sealed/ and publish it through `sink`.
+
+    Args:
+        root: the staging root (FILEFEED_STAGING_DIR).
+        partition: feed, segment and operation.
+        props: the feed's properties; a new roll snapshots what names and bytes depend on into its plan.
+        sink: where files go; it publishes atomically and idempotently by name.
+        now: the roll's planned time (UTC), for names and the roll id; defaults to the clock.
+        wait_seconds: how long to wait for a lease held by another live roller before answering "busy".
+        datamart_id: value of the {datamart_id} name macro; defaults to the first datamart_id in the rows.
+        reader: turns segment paths into STAGED_SCHEMA batches; defaults to pipeline.staging.iter_batches.
+        lease_stale_after: seconds without a heartbeat after which another host's lease counts as abandoned.
+    """
+    pdir = partition_dir(root, partition)
+    lease = Lease.acquire(pdir, wait_seconds=wait_seconds, stale_after=lease_stale_after)
+    if lease is None:
+        return RollOutcome(status="busy")
+    try:
+        return _roll_locked(
+            pdir, partition, props, sink, reader or _default_reader, lease, now or datetime.now(UTC), datamart_id
+        )
+    finally:
+        lease.release()
+
+
+def retry_failed(
+    root: Path | str,
+    partition: Partition,
+    sink: Sink,
+    *,
+    roll_ids: Iterable[str] | None = None,
+    wait_seconds: float = 0.0,
+    reader: SegmentReader | None = None,
+) -> RollOutcome:
+    """Move failed rolls (all, or `roll_ids`) back to rolling/ and resume them with their own plans.
+
+    The old reason.json is kept as `last_failure.json` in the roll folder for the operator; the attempt count
+    starts again so unknown errors get their retries back.
+    """
+    pdir = partition_dir(root, partition)
+    lease = Lease.acquire(pdir, wait_seconds=wait_seconds)
+    if lease is None:
+        return RollOutcome(status="busy")
+    try:
+        wanted = set(roll_ids) if roll_ids is not None else None
+        rolling = pdir / ROLLING
+        rolling.mkdir(exist_ok=True)
+        for roll_id in _roll_names(pdir / FAILED):
+            if wanted is not None and roll_id not in wanted:
+                continue
+            fdir = pdir / FAILED / roll_id
+            if (fdir / "reason.json").exists():
+                os.replace(fdir / "reason.json", fdir / "last_failure.json")
+            (fdir / "attempts.json").unlink(missing_ok=True)
+            os.rename(fdir, rolling / roll_id)
+            fsync_dir(rolling)
+            fsync_dir(pdir / FAILED)
+        # props=None: only resume; new segments wait for the next regular roll.
+        return _roll_locked(pdir, partition, None, sink, reader or _default_reader, lease, datetime.now(UTC), None)
+    finally:
+        lease.release()
+
+
+# -- age timer -------------------------------------------------------------------------------------------------------
+
+
+def segment_first_row_ms(path: Path) -> int | None:
+    """Epoch ms of the first frame of a segment (its oldest row), from the frame header; file mtime as fallback.
+
+    None for an empty segment: no rows, nothing can be overdue.
+    """
+    try:
+        with open(path, "rb") as f:
+            header = f.readline(256)
+            size_hint = os.fstat(f.fileno())
+    except FileNotFoundError:
+        return None
+    if not header:
+        return None
+    parts = header.split()
+    if header.startswith(b"#") and len(parts) == 4:
+        try:
+            return int(parts[3])
+        except ValueError:
+            pass
+    return int(size_hint.st_mtime * 1000)
+
+
+def oldest_staged_row_ms(pdir: Path) -> int | None:
+    oldest: int | None = None
+    for state in (SEALED, OPEN):
+        try:
+            names = os.listdir(pdir / state)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith("."):
+                continue
+            first = segment_first_row_ms(pdir / state / name)
+            if first is not None and (oldest is None or first < oldest):
+                oldest = first
+    return oldest
+
+
+def iter_partitions(root: Path | str) -> Iterator[Partition]:
+    feeds = Path(root) / "feeds"
+    for feed_dir in sorted(_subdirs(feeds)):
+        for segment_dir in sorted(_subdirs(feeds / feed_dir)):
+            for operation in sorted(_subdirs(feeds / feed_dir / segment_dir)):
+                try:
+                    yield Partition(feed_dir, segment_dir, operation)
+                except ValueError:
+                    continue  # not a partition folder (an operator's file, a stray name)
+
+
+def _subdirs(path: Path) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+
+
+def due_partitions(
+    root: Path | str,
+    max_age_by_feed: Mapping[str, float],
+    *,
+    now: datetime | None = None,
+    default_max_age: float | None = None,
+) -> list[Partition]:
+    """Partitions the age timer must roll now.
+
+    Due: an unfinished roll waits in rolling/ (to resume it), or the oldest staged row (sealed/ or open/) is at least
+    `max_age_by_feed[feed_id]` seconds old (`default_max_age` for feeds not in the mapping; None skips them). Rows
+    still in open/ need staging to seal their segment before a roll can take them.
+    """
+    now_ms = int((now or datetime.now(UTC)).timestamp() * 1000)
+    due: list[Partition] = []
+    for partition in iter_partitions(root):
+        max_age = max_age_by_feed.get(partition.feed_id, default_max_age)
+        pdir = partition_dir(root, partition)
+        if _roll_names(pdir / ROLLING):
+            due.append(partition)
+            continue
+        if max_age is None:
+            continue
+        oldest = oldest_staged_row_ms(pdir)
+        if oldest is not None and now_ms - oldest >= max_age * 1000:
+            due.append(partition)
+    return due

@@ -87,6 +87,7 @@ def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> C
     async def endpoint(request: Request) -> Response:
         plugin: Plugin = request.app.state.plugin
         started = time.perf_counter()
+        body: Any = None
         try:
             body = parse_json_body(await _read_body(request))
             response = await handler(plugin, body)
@@ -101,7 +102,15 @@ def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> C
         except Exception as e:  # never a stack trace to the platform, never a dead worker
             log.exception("Something bad happened on %s", route, extra={"route": route})
             response = error_response(f"internal error ({type(e).__name__})", creation=creation)
-        metrics.observe_request(route, response.status_code, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.observe_request(route, response.status_code, elapsed)
+        if isinstance(body, dict):
+            ctx_ = body.get("context") if isinstance(body.get("context"), dict) else {}
+            logs.log_request(log, route, response.status_code, elapsed,
+                             feed_id=body.get("feed_id") or ctx_.get("feed_id"),
+                             segment_id=body.get("segment_id") or ctx_.get("segment_id"))
+        else:
+            logs.log_request(log, route, response.status_code, elapsed)
         return response
 
     return endpoint

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -51,8 +51,9 @@ def serve(
     settings = _settings()
     import uvicorn
 
-    from filefeed import metrics
+    from filefeed import logs, metrics
 
+    logs.start_run(settings.staging_dir)
     metrics.prepare_multiprocess_dir(settings.staging_dir)
     n = workers or settings.workers
     uvicorn.run(

@@ -12,8 +12,9 @@ import random
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import orjson
@@ -22,8 +23,9 @@ import orjson
 @dataclass
 class SimulationReport:
     users: int = 0
-    update_answers: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    update_answers: dict[int | str, int] = field(default_factory=lambda: defaultdict(int))
     items: int = 0
+    items_by_operation: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     batches: int = 0
     batch_answers: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sent_items_in_success: int = 0
@@ -36,6 +38,7 @@ class SimulationReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "users": self.users, "update_answers": dict(self.update_answers), "items": self.items,
+            "items_by_operation": dict(self.items_by_operation),
             "batches": self.batches, "batch_answers": dict(self.batch_answers),
             "sent_items_in_success": self.sent_items_in_success, "sent_items_in_error": self.sent_items_in_error,
             "seconds": round(self.seconds, 3), "creation": self.creation, "connection": self.connection,
@@ -90,8 +93,15 @@ async def simulate(base_url: str, *, feed_id: str = "42", segment_id: str = "451
                                 "feed_session_id": session_id, "segment_id": segment_id,
                                 "datamart_id": datamart_id, "grouping_key": grouping_key}}
             for _attempt in range(5):
-                r = await client.post("/v1/batch_update", content=orjson.dumps(body))
-                answer = r.json()
+                try:
+                    r = await client.post("/v1/batch_update", content=orjson.dumps(body))
+                    answer = r.json()
+                except (httpx.HTTPError, ValueError) as e:
+                    report.batch_answers[type(e).__name__] += 1
+                    await asyncio.sleep(0.5)
+                    continue
+                if not isinstance(answer, dict):
+                    answer = {}
                 report.batch_answers[answer.get("status", str(r.status_code))] += 1
                 if answer.get("status") == "RETRY":
                     await asyncio.sleep(min(int(r.headers.get("x-mics-next-msg-delay", "1000")) / 1000, 2.0))
@@ -102,7 +112,8 @@ async def simulate(base_url: str, *, feed_id: str = "42", segment_id: str = "451
                 if answer.get("status") == "ERROR":
                     report.errors.append(f"batch_update ERROR: {answer.get('message')}")
                 return
-            report.errors.append("batch_update kept answering RETRY")
+            report.errors.append(f"batch_update of {len(items)} {grouping_key} items kept failing: "
+                                 f"{dict(report.batch_answers)}")
 
         queue: asyncio.Queue[int | None] = asyncio.Queue(maxsize=concurrency * 4)
 
@@ -111,19 +122,31 @@ async def simulate(base_url: str, *, feed_id: str = "42", segment_id: str = "451
                 op = "DELETE" if rng.random() < delete_ratio else "UPSERT"
                 body = {**base, "session_id": session_id, "ts": int(time.time() * 1000), "operation": op,
                         "user_identifiers": user_identifiers(i, rng), "user_profiles": []}
+                r = None
                 for _attempt in range(5):
-                    r = await client.post("/v1/user_segment_update", content=orjson.dumps(body))
+                    try:
+                        r = await client.post("/v1/user_segment_update", content=orjson.dumps(body))
+                    except httpx.HTTPError as e:
+                        report.update_answers[type(e).__name__] += 1
+                        r = None
+                        await asyncio.sleep(0.5)
+                        continue
                     report.update_answers[r.status_code] += 1
                     if r.status_code != 429:
                         break
                     await asyncio.sleep(min(int(r.headers.get("x-mics-next-msg-delay", "1000")) / 1000, 2.0))
-                if r.status_code == 200:
+                if r is None or r.status_code == 429:
+                    report.errors.append(f"user_segment_update of user {i} kept failing")
+                elif r.status_code != 200:
+                    report.errors.append(f"user_segment_update of user {i}: HTTP {r.status_code}")
+                else:
                     full: list[tuple[str, list[Any]]] = []
                     async with batch_lock:
                         for item in r.json().get("data", []):
                             key = item["grouping_key"]
                             pending[key].append(orjson.dumps(item["content"]).decode())  # items as JSON strings
                             report.items += 1
+                            report.items_by_operation[key] += 1
                             if len(pending[key]) >= batch_size:
                                 full.append((key, pending.pop(key)))
                     for key, items in full:

@@ -27,7 +27,7 @@ from pipeline import delivery
 from pipeline.identifiers import MAX_VALUE_LENGTH
 from pipeline.journal import encode_rows, is_clean_value
 from pipeline.ledger import FAILED, ROLLING, atomic_write_bytes, consumed_segments, partition_dir
-from pipeline.model import OPERATIONS, ID_PATTERN, Partition
+from pipeline.model import ID_PATTERN, OPERATIONS, Partition
 from pipeline.staging import SEALED
 
 if TYPE_CHECKING:
@@ -144,6 +144,9 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
             transient.append(f"{partition}: staged rows still being written")
             continue
         unknown = {n for n, s in states.items() if s is None and not _roll_dirs_holding(pdir, n + SUFFIX)}
+        if unknown:  # another worker's roll may have finished meanwhile: it writes the ledger before its folder goes
+            consumed = consumed_segments(staging.root, partition)
+            unknown = {n for n in unknown if n + SUFFIX not in consumed}
         counted: dict[str, int] = {n: c for n, c in w.refs.items() if n not in unknown}
         # rows to stage now: items without ref, and items whose ref this staging volume does not know
         loose = [row for (row, ref) in w.rows if ref is None or ref in unknown]

@@ -11,11 +11,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from config.feed import FeedProperties
-from datetime import UTC, datetime
-
 from pipeline.ledger import Ledger, atomic_write_json, partition_dir
 from pipeline.model import Partition
 from pipeline.rollover import RollOutcome, roll_partition

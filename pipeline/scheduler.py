@@ -108,10 +108,14 @@ async def run_age_flushes(staging: Staging, source: ContextSource, settings: Ser
                 log.warning("age flush skips feed %s: %s", feed_id, why, extra={"feed_id": feed_id})
             ages = {f: float(p.max_buffer_age_seconds) for f, p in props.items()}
             due = await loop.run_in_executor(None, due_partitions, staging.root, ages)
+            if due:
+                await staging.seal_all_async()  # a roll takes sealed segments; other writers seal theirs by age
             for partition in due:
+                feed_props = props.get(partition.feed_id)
+                if feed_props is None:
+                    continue
                 # wait_seconds=0: a partition another worker is rolling is simply skipped this round
-                await loop.run_in_executor(None, lambda p=partition: delivery.roll(staging.root, p,
-                                                                                  props[p.feed_id]))
+                await loop.run_in_executor(None, delivery.roll, staging.root, partition, feed_props)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.staging import Staging, verify_segment
 from tests.conftest import wait_for
-from tests.staging.helpers import P, P2, read_all, row, rows
+from tests.staging.helpers import P2, P, read_all, row, rows
 
 
 def _is_file(fd: int) -> bool:

@@ -325,6 +325,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
             asyncio.create_task(plugin.staging.run_sealer(), name="sealer"),
             asyncio.create_task(scheduler.run_age_flushes(plugin.staging, plugin.source, settings), name="flusher"),
             asyncio.create_task(logs.follow_level(settings.staging_dir), name="log-level"),
+            asyncio.create_task(metrics.run_flusher(), name="metrics-flush"),
         ]
         log.info("filefeed %s ready (%s mode, staging %s, writer %s)", __version__,
                  "embedded" if settings.embedded else "gateway", settings.staging_dir, plugin.staging.writer_id)

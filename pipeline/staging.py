@@ -75,6 +75,7 @@ log = logging.getLogger("filefeed.staging")
 MiB = 1024 * 1024
 SUFFIX = ".jnl"
 OPEN, SEALED = "open", "sealed"
+INLINE_MAX_HOPS = 4
 # Frames are split above this payload size so a reader's chunk always holds whole frames.
 MAX_FRAME_PAYLOAD = 4 * MiB
 # A header claiming more than this is damage, not data: stop before buffering a whole bogus length.
@@ -358,7 +359,13 @@ class Staging:
         entry = self._entry(partition, rows, loop)
         return await entry.future  # type: ignore[misc]
 
-    def _commit_inline(self) -> None:
+    def _commit_inline(self, seen: int = 0, hops: int = 0) -> None:
+        # Wait loop iterations while appends keep arriving (a few at most): under load the requests read in the
+        # same poll reach staging one iteration apart, and one fsync for all of them is the point.
+        n = len(self._inline_pending)
+        if n > seen and hops < INLINE_MAX_HOPS:
+            asyncio.get_running_loop().call_soon(self._commit_inline, n, hops + 1)
+            return
         entries, self._inline_pending = self._inline_pending, []
         opened = len(self._open)
         with self._io_lock:
@@ -761,11 +768,12 @@ class Staging:
         name = name.removesuffix(SUFFIX)
         if not _SEGMENT_NAME_RE.fullmatch(name):
             return None
+        # Look in the order a segment moves (open -> sealed -> a roll's folder -> the ledger), so a segment that
+        # moves while we look is always found further on: checking sealed first could miss one being sealed now.
+        was_open = self.segment_path(partition, name, OPEN).exists()
         if self.segment_path(partition, name, SEALED).exists():  # sealed wins: a repair leaves both for a moment
             return SEALED
-        if self.segment_path(partition, name, OPEN).exists():
-            return OPEN
-        return None
+        return OPEN if was_open else None
 
     def wait_sealed(self, partition: Partition, names: Iterable[str], timeout: float) -> dict[str, str | None]:
         """Wait (bounded by `timeout`) until none of `names` is open; return each one's final state.

@@ -7,6 +7,7 @@ from collections import Counter
 
 from pipeline.ledger import Ledger, partition_dir
 from pipeline.model import Partition
+from tests.conftest import wait_for
 from tests.ops.helpers import FEED, SEGMENT, cli, data_files, read_rows, scrape, send_users, total, update_body
 
 
@@ -39,7 +40,15 @@ def test_simulate_then_metrics(tmp_path, filefeed_factory):
     ledger_bytes = sum(e.bytes for entries in ledgers.values() for e in entries)
     assert ledger_rows == report["items"] and ledger_files == len(data_files(out))
 
-    # any worker's scrape shows the sum of both; several fresh connections land on both workers
+    # any worker's scrape shows the sum of both (hot-path counts reach the shared files within a second);
+    # several fresh connections land on both workers
+    def settled() -> bool:
+        m = scrape(srv.url)
+        return (total(m, "filefeed_rows_total", outcome="accepted") == report["items"]
+                and total(m, "filefeed_requests_total", route="user_segment_update", code="200") == 400
+                and total(m, "filefeed_requests_total", route="batch_update", code="200") == report["batches"])
+
+    wait_for(settled, timeout=10, what="both workers' counts in the shared metric files")
     scrapes = [scrape(srv.url) for _ in range(6)]
     for m in scrapes:
         assert total(m, "filefeed_rows_total", outcome="accepted") == report["items"]  # accepted = staged
@@ -69,6 +78,9 @@ def test_simulate_then_metrics(tmp_path, filefeed_factory):
     body["user_identifiers"] = [{"type": "USER_EMAIL", "hash": "not-a-hash"}, *body["user_identifiers"][:1]]
     r = srv.post("/v1/user_segment_update", body)
     assert r.status_code == 200
+    expected_accepted = report["items"] + len(staged) + 1
+    wait_for(lambda: total(scrape(srv.url), "filefeed_rows_total", outcome="accepted") == expected_accepted,
+             timeout=10, what="the new rows in the shared metric files")
     m = scrape(srv.url)
     assert total(m, "filefeed_staged_rows", feed_id=FEED) == len(staged) + 1
     assert total(m, "filefeed_staged_bytes", feed_id=FEED) > 0

@@ -223,9 +223,9 @@ def test_check_bad_credentials(scheme: str, servers: dict[str, str], unique_pref
         assert secret.get_secret_value() not in str(e.value)
 
 
-def test_check_missing_bucket(scheme: str, servers: dict[str, str], unique_prefix: str) -> None:
-    if scheme not in ("s3", "gs"):
-        pytest.skip("buckets exist only on s3:// and gs://")
+@pytest.mark.parametrize("bucket_scheme", ["s3", "gs"])  # only these have buckets
+def test_check_missing_bucket(bucket_scheme: str, servers: dict[str, str], unique_prefix: str) -> None:
+    scheme = bucket_scheme
     uri = f"{scheme}://no-such-bucket-{unique_prefix[-8:]}/{unique_prefix}"
     with open_sink(sink_props(scheme, servers, unique_prefix, destination_uri=uri)) as s, \
             pytest.raises(TerminalError) as e:

@@ -26,23 +26,24 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 LUA = r"""
 local counter = 0
-local tid = 0
 local threads = {}
+tid = 0
 function setup(thread)
   thread:set("tid", #threads + 1)
   table.insert(threads, thread)
 end
 function init(args)
   counter = 0
+  run = tonumber(args[1]) or 0
 end
 local template = '{"feed_id":"42","session_id":"1717494873","datamart_id":"1023","segment_id":"451256",' ..
   '"ts":1717494873000,"operation":"UPSERT","user_identifiers":[' ..
-  '{"type":"USER_POINT","user_point_id":"26340584-f777-404c-82c5-%04x%08x","creation_ts":1493118667529},' ..
-  '{"type":"USER_EMAIL","hash":"ff8d9819fc0e12bf0d24892e45987e249a28dce836a85cad60e2%04x%08x",' ..
+  '{"type":"USER_POINT","user_point_id":"26340584-f777-404c-%04x-%04x%08x","creation_ts":1493118667529},' ..
+  '{"type":"USER_EMAIL","hash":"ff8d9819fc0e12bf0d24892e45987e249a28dce836a85cad%04x%04x%08x",' ..
   '"creation_ts":1493118667529,"last_activity_ts":1717494873000,"providers":[]}],"user_profiles":[]}'
 request = function()
   counter = counter + 1
-  local body = string.format(template, tid, counter, tid, counter)
+  local body = string.format(template, run, tid, counter, run, tid, counter)
   return wrk.format("POST", "/v1/user_segment_update", {["Content-Type"] = "application/json"}, body)
 end
 done = function(summary, latency, requests)
@@ -92,9 +93,14 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
+_RUNS = iter(range(1, 1 << 16))
+
+
 def run_wrk(url: str, seconds: int, connections: int, threads: int, script: Path) -> dict[str, float]:
+    """One wrk run; every run sends identifiers no other run sent (the run number is in each of them)."""
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency",
-                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+                          "-s", str(script), url, "--", str(next(_RUNS))], capture_output=True, text=True,
+                         check=True).stdout
     m = re.search(r"RESULT requests=(\d+) errors=(\d+) status_errors=(\d+) p50_us=(\d+) p99_us=(\d+) "
                   r"duration_us=(\d+)", out)
     if not m:
@@ -117,6 +123,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--wrk-threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--soak", type=int, default=0, help="extra seconds of load reporting RSS (300 = 5 minutes)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -132,45 +139,71 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
     env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
                 "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN"})
-    results = {}
-    for name, cmd in (
-        ("bare", [sys.executable, "-m", "uvicorn", "bench.bare_app:create_app", "--factory", "--loop", "uvloop",
-                  "--http", "httptools", "--no-access-log", "--log-level", "warning"]),
-        ("filefeed", [sys.executable, "-m", "filefeed", "serve"]),
-    ):
-        port = free_port()
-        full = cmd + ["--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)]
-        proc = subprocess.Popen(full, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log",
-                                                                                               "wb"))
-        url = f"http://127.0.0.1:{port}"
-        try:
+    servers = {
+        "bare": [sys.executable, "-m", "uvicorn", "bench.bare_app:create_app", "--factory", "--loop", "uvloop",
+                 "--http", "httptools", "--no-access-log", "--log-level", "warning"],
+        "filefeed": [sys.executable, "-m", "filefeed", "serve"],
+    }
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    acknowledged = 0
+    sent_runs = 0
+    try:
+        for name, cmd in servers.items():
+            port = free_port()
+            full = cmd + ["--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)]
+            proc = subprocess.Popen(full, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=open(tmp / f"{name}.log", "wb"))
+            url = f"http://127.0.0.1:{port}"
             wait_ready(url, proc)
-            run_wrk(url, 3, args.connections, args.wrk_threads, script)  # warm-up
-            rss_start = tree_rss_mb(proc.pid)
-            r = run_wrk(url, args.seconds, args.connections, args.wrk_threads, script)
-            r["rss_start_mb"] = rss_start
-            if args.soak and name == "filefeed":
-                marks = []
-                for _ in range(max(1, args.soak // 30)):
-                    run_wrk(url, 30, args.connections, args.wrk_threads, script)
-                    marks.append(round(tree_rss_mb(proc.pid)))
-                r["soak_rss_mb"] = marks
-            r["rss_end_mb"] = tree_rss_mb(proc.pid)
-            results[name] = r
-        finally:
+            warm = run_wrk(url, 3, args.connections, args.wrk_threads, script)
+            if name == "filefeed":
+                acknowledged += warm["requests"] - warm["status_errors"]
+                sent_runs += 1
+            procs[name] = (proc, url)
+        rss_start = {name: tree_rss_mb(p.pid) for name, (p, _) in procs.items()}
+        rounds: list[dict[str, dict[str, float]]] = []
+        for _ in range(args.rounds):  # interleaved, so a noisy neighbour hurts both sides alike
+            rnd = {}
+            for name, (_proc, url) in procs.items():
+                r = run_wrk(url, args.seconds, args.connections, args.wrk_threads, script)
+                rnd[name] = r
+                if name == "filefeed":
+                    acknowledged += r["requests"] - r["status_errors"]
+                    sent_runs += 1
+            rounds.append(rnd)
+        soak: list[int] = []
+        if args.soak:
+            proc, url = procs["filefeed"]
+            for _ in range(max(1, args.soak // 30)):
+                r = run_wrk(url, 30, args.connections, args.wrk_threads, script)
+                acknowledged += r["requests"] - r["status_errors"]
+                sent_runs += 1
+                soak.append(round(tree_rss_mb(proc.pid)))
+        rss_end = {name: tree_rss_mb(p.pid) for name, (p, _) in procs.items()}
+    finally:
+        for proc, _ in procs.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-    bare, ff = results["bare"], results["filefeed"]
     print(f"ingest: user_segment_update, 2 identifiers, {args.workers} workers, wrk -c{args.connections} "
-          f"-t{args.wrk_threads}, {args.seconds}s each, same machine")
-    for name, r in results.items():
-        print(f"  {name:9s} {r['rps']:9,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-              f"errors {r['errors'] + r['status_errors']}  RSS {r['rss_start_mb']:.0f} -> {r['rss_end_mb']:.0f} MB"
-              + (f"  soak RSS every 30 s: {r['soak_rss_mb']}" if "soak_rss_mb" in r else ""))
-    print(f"  ratio filefeed/bare: {ff['rps'] / bare['rps']:.2f}  (target >= 0.60; filefeed target >= 6,000 req/s)")
+          f"-t{args.wrk_threads}, {args.rounds} interleaved rounds of {args.seconds}s, same machine")
+    ratios = []
+    for i, rnd in enumerate(rounds, 1):
+        for name, r in rnd.items():
+            print(f"  round {i} {name:9s} {r['rps']:9,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
+                  f"  errors {r['errors'] + r['status_errors']}")
+        ratios.append(rnd["filefeed"]["rps"] / rnd["bare"]["rps"])
+        print(f"  round {i} ratio filefeed/bare: {ratios[-1]:.2f}")
+    total = {n: sum(r[n]["requests"] for r in rounds) / (args.seconds * len(rounds)) for n in servers}
+    print(f"  overall   bare {total['bare']:,.0f} req/s, filefeed {total['filefeed']:,.0f} req/s, ratio "
+          f"{total['filefeed'] / total['bare']:.2f}  (targets: filefeed >= 6,000 req/s and >= 0.60 of bare)")
+    for name in servers:
+        print(f"  RSS {name}: {rss_start[name]:.0f} MB -> {rss_end[name]:.0f} MB"
+              + (f"; during the soak, every 30 s: {soak}" if soak and name == "filefeed" else ""))
     rows = staged_rows(tmp / "staging")
-    print(f"  staged rows on disk: {rows:,} (every answered request staged 2 rows; wrk counts requests sent "
-          f"including the warm-up and any still in flight at the end)")
+    slack = 2 * args.connections * sent_runs  # requests in flight when a wrk run stops are staged but uncounted
+    ok = 2 * acknowledged <= rows <= 2 * acknowledged + slack
+    print(f"  staged rows on disk {rows:,}; 2 x acknowledged requests {2 * acknowledged:,} "
+          f"(+ at most {slack:,} in flight at wrk's stops): {'OK' if ok else 'MISMATCH'}")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -19,6 +19,7 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -83,15 +84,32 @@ def parse_item(raw: Any, context: dict[str, Any]) -> tuple[Partition, str | None
     return partition, ref, (id_type, ident, ts, session_id, datamart_id, user_point_id)
 
 
-def _roll_dirs_holding(pdir, name: str) -> bool:
+def _roll_folder_holding(pdir: Path, name: str) -> str | None:
+    """"rolling" or "failed" when a roll folder of the partition holds segment file `name`."""
     for state in (ROLLING, FAILED):
         try:
             for roll in os.scandir(pdir / state):
                 if (pdir / state / roll.name / "segments" / name).exists():
-                    return True
+                    return state
         except FileNotFoundError:
             continue
-    return False
+    return None
+
+def locate_segment(staging: Staging, partition: Partition, name: str) -> str | None:
+    """Where a segment is: "open", "sealed", "rolling", "failed", "published", or None when this volume never had it.
+
+    Looks in the order a segment moves (open -> sealed -> a roll's folder -> the ledger; a roll writes its ledger entry
+    before removing its folder), so a segment that moves while we look is found further on, never missed.
+    """
+    state = staging.segment_state(partition, name)
+    if state is not None:
+        return state
+    folder = _roll_folder_holding(partition_dir(staging.root, partition), name + SUFFIX)
+    if folder is not None:
+        return folder
+    if name + SUFFIX in consumed_segments(staging.root, partition):
+        return "published"
+    return None
 
 
 def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple], consumed: set[str]) -> str:
@@ -102,7 +120,7 @@ def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple], cons
     name = f"batch_{digest.hexdigest()[:24]}-00000000"
     pdir = partition_dir(staging.root, partition)
     path = pdir / SEALED / (name + SUFFIX)
-    if name + SUFFIX in consumed or path.exists() or _roll_dirs_holding(pdir, name + SUFFIX):
+    if name + SUFFIX in consumed or path.exists() or _roll_folder_holding(pdir, name + SUFFIX) is not None:
         return name
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, encode_rows(rows, int(time.time() * 1000)))
@@ -143,10 +161,7 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
         if any(s == "open" for s in states.values()):
             transient.append(f"{partition}: staged rows still being written")
             continue
-        unknown = {n for n, s in states.items() if s is None and not _roll_dirs_holding(pdir, n + SUFFIX)}
-        if unknown:  # another worker's roll may have finished meanwhile: it writes the ledger before its folder goes
-            consumed = consumed_segments(staging.root, partition)
-            unknown = {n for n in unknown if n + SUFFIX not in consumed}
+        unknown = {n for n, st in states.items() if st is None and locate_segment(staging, partition, n) is None}
         counted: dict[str, int] = {n: c for n, c in w.refs.items() if n not in unknown}
         # rows to stage now: items without ref, and items whose ref this staging volume does not know
         loose = [row for (row, ref) in w.rows if ref is None or ref in unknown]
@@ -163,7 +178,7 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
         consumed = consumed_segments(staging.root, partition)
         sent += sum(c for n, c in counted.items() if n + SUFFIX in consumed)
         if outcome.status in ("published", "nothing") and any(
-                n + SUFFIX not in consumed and _roll_dirs_holding(pdir, n + SUFFIX) for n in counted):
+                n + SUFFIX not in consumed and _roll_folder_holding(pdir, n + SUFFIX) is not None for n in counted):
             terminal.append(f"{partition}: some rows are in failed rolls (see `filefeed status`, `filefeed retry`)")
     result: dict[str, Any] = {"sent_items_in_success": sent, "sent_items_in_error": invalid}
     if transient:

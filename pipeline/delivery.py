@@ -67,9 +67,12 @@ def record_error(root: Path, partition: Partition, outcome: RollOutcome) -> None
     """Keep the partition's latest roll error on disk for troubleshoot and `filefeed status` (messages hold no
     secrets: sinks never put credentials in them)."""
     pdir = partition_dir(root, partition)
-    if pdir.is_dir():
-        atomic_write_json(pdir / LAST_ERROR, {"error_class": outcome.status, "kind": outcome.error_kind,
-                                              "message": outcome.error, "time": datetime.now(UTC).isoformat()})
+    try:
+        if pdir.is_dir():
+            atomic_write_json(pdir / LAST_ERROR, {"error_class": outcome.status, "kind": outcome.error_kind,
+                                                  "message": outcome.error, "time": datetime.now(UTC).isoformat()})
+    except OSError as e:  # e.g. the staging volume is full: the roll's own outcome still reaches the caller
+        log.warning("could not record the last error of %s: %s", partition, e.strerror or e)
 
 
 def roll(root: Path, partition: Partition, props: FeedProperties, *, wait_seconds: float = 0.0,

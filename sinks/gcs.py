@@ -105,7 +105,10 @@ class GCSSink(Sink):
     scheme = "gs"
 
     # Tunables, overridable per instance before first use.
-    chunk_size: int = 32 * MiB
+    # The library's own default for resumable uploads: each chunk is one request, and the emulator (like GCS) pays a
+    # round trip and a commit per request; 32 MiB chunks ran at 0.43 of `upload_from_filename` here, 100 MiB at par.
+    # Costs up to 100 MiB of memory during an upload.
+    chunk_size: int = 100 * MiB
     timeout: float | tuple[float, float] = (10.0, 120.0)  # (connect, read) per HTTP request
     retry_deadline: float = 30.0  # library-level retries per request; 0 disables (publish retries are the caller's)
 

@@ -289,6 +289,7 @@ class Staging:
         self.inline_commit = inline_commit
         self._io_lock = threading.Lock()  # segment files and _open: the committer thread and inline commits
         self._inline_pending: list[_Entry] = []
+        self._segments_created = 0  # by the current inline commit (under _io_lock)
 
         # Committer-thread state.
         self._open: dict[Partition, _OpenSegment] = {}
@@ -367,8 +368,8 @@ class Staging:
             asyncio.get_running_loop().call_soon(self._commit_inline, n, hops + 1)
             return
         entries, self._inline_pending = self._inline_pending, []
-        opened = len(self._open)
         with self._io_lock:
+            self._segments_created = 0
             try:
                 self._commit(entries)
             except BaseException as e:  # never leave a caller waiting forever
@@ -376,9 +377,9 @@ class Staging:
                 for en in entries:
                     if en.result is None and en.error is None:
                         en.error = e
-            grew = len(self._open) > opened
+            created = self._segments_created
         _resolve_async(entries)
-        if grew:  # a new open segment: the committer thread must time its seal
+        if created:  # a new open segment: the committer thread must time its seal (it may be waiting with no timeout)
             with self._cond:
                 self._cond.notify()
 
@@ -699,6 +700,7 @@ class Staging:
             os.close(fd)
             raise
         seg = _OpenSegment(partition, name, path, fd)
+        self._segments_created += 1
         self._open[partition] = seg
         self._latest[partition] = name
         return seg

@@ -93,3 +93,24 @@ def test_inline_segments_are_sealed_by_age(make_staging) -> None:
     res = asyncio.run(main())
     wait_for(lambda: st.segment_state(P, res.segment) == "sealed", timeout=10, what="age seal of an inline segment")
     assert read_all(st.sealed_segments(P)) == rows(0, 3)
+
+
+def test_continuous_inline_appends_keep_being_sealed_by_age(make_staging) -> None:
+    """A segment opened by an inline commit while the committer seals another must still get its age seal."""
+    st = make_staging(inline_commit=True, seal_after_seconds=0.02)
+
+    async def main() -> set[str]:
+        refs: set[str] = set()
+        i = 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.5
+        while loop.time() < end:
+            res = await st.append(P, rows(i, 1))
+            refs.add(res.segment)
+            i += 1
+        return refs
+
+    refs = asyncio.run(main())
+    assert len(refs) > 5  # many age seals happened while appending
+    wait_for(lambda: all(st.segment_state(P, r) == "sealed" for r in refs), timeout=5,
+             what="every segment sealed by age after the appends stop")

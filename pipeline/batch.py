@@ -75,15 +75,15 @@ class ItemParser:
         self.datamart_id = context.get("datamart_id") or ""
         self._partitions: dict[tuple[Any, Any], Partition | None] = {}
 
-    def _partition(self, segment_id: Any, op: Any) -> Partition | None:
+    def _partition(self, segment_id: str, op: str) -> Partition | None:
         key = (segment_id, op)
         try:
             return self._partitions[key]
         except KeyError:
             pass
         try:
-            p = Partition(self.feed_id, _text(segment_id) or "", op) if op in OPERATIONS else None
-        except (ValueError, TypeError):
+            p = Partition(self.feed_id, segment_id, op) if op in OPERATIONS else None
+        except ValueError:
             p = None
         self._partitions[key] = p
         return p
@@ -97,7 +97,11 @@ class ItemParser:
                 return None
         if type(raw) is not dict:
             return None
-        partition = self._partition(raw.get("segment_id") or self.segment_id, raw.get("operation") or self.operation)
+        segment_id = _text(raw.get("segment_id") or self.segment_id)
+        op = raw.get("operation") or self.operation
+        if segment_id is None or type(op) is not str:
+            return None
+        partition = self._partition(segment_id, op)
         if partition is None:
             return None
         id_type, ident, ts = raw.get("identifier_type"), raw.get("identifier"), raw.get("ts")

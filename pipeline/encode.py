@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from isal import igzip_threaded, isal_zlib
 
 from config.feed import COMPRESSIONS, Column, FeedProperties, parse_columns
+from pipeline.durable import fsync_dir
 
 # Rows per chunk handed from the formatting thread to the compressing one: a few MB of CSV (about 100 bytes a row),
 # so the queue stays small in bytes and per-chunk overhead negligible.
@@ -489,14 +490,6 @@ class _TableRechunker(_Rechunker):
 
 def local_file_name(part: int, spec: EncodeSpec) -> str:
     return f"part-{part:05d}.{spec.extension}"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def encode_batches(

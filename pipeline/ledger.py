@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.durable import atomic_write_bytes, fsync_dir  # noqa: F401 - re-exported for rollover
 from pipeline.model import Partition
 
 SEALED = "sealed"
@@ -35,30 +36,6 @@ LEDGER_VERSION = 1
 
 def partition_dir(root: Path | str, partition: Partition) -> Path:
     return Path(root) / partition.relpath
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` so that readers see the old content or the whole new one: temp, fsync, rename, fsync folder."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    fsync_dir(path.parent)
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -36,6 +36,7 @@ from typing import NoReturn
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from pipeline.durable import atomic_write_bytes, fsync_dir, write_all
 from pipeline.journal import (
     MAX_HEADER_BYTES,
     Frame,
@@ -147,34 +148,6 @@ def segment_name(writer_id: str, seq: int) -> str:
 def _sort_key(path: Path) -> tuple[str, int]:
     writer, _, seq = path.stem.rpartition("-")
     return (writer, int(seq) if seq.isdigit() else -1)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename + fsync dir: readers see the old content or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _make_dirs(root: Path, rel: Path) -> None:
@@ -559,7 +532,7 @@ class Staging:
                 continue
             before = seg.size
             try:
-                _write_all(seg.fd, data)
+                write_all(seg.fd, data)
             except OSError as err:
                 self._undo(seg, before)
                 self._fail(group, err)
@@ -1011,7 +984,7 @@ class Staging:
         while qpath.exists() and qpath.stat().st_size != len(buf):
             n += 1
             qpath = qdir / f"{path.name}.{n}"
-        write_atomic(qpath, buf)
+        atomic_write_bytes(qpath, buf)
         report = {
             "segment": path.name,
             "partition": str(partition),
@@ -1025,7 +998,7 @@ class Staging:
             "quarantined_at_ms": time.time_ns() // 1_000_000,
             "by_writer": self.writer_id,
         }
-        write_atomic(qpath.with_name(qpath.name + ".report.json"), json.dumps(report, indent=2).encode())
+        atomic_write_bytes(qpath.with_name(qpath.name + ".report.json"), json.dumps(report, indent=2).encode())
         if not target_dir.is_dir():
             _make_dirs(self.root, target_dir.relative_to(self.root))
         target = target_dir / path.name
@@ -1035,7 +1008,7 @@ class Staging:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # so a concurrent recover() does not take it for a stale temp
-                _write_all(fd, good)
+                write_all(fd, good)
                 os.fsync(fd)
                 os.replace(tmp, target)
             finally:

@@ -207,16 +207,15 @@ def test_wrong_credentials_then_fixed(dest_server, group, tmp_path):
                                           **{f"creds_{k}": v for k, v in got.items()})
 
 
+@pytest.mark.parametrize("dest_server", ["sftp"], indirect=True)  # a full remote disk is an SFTP case
 def test_sftp_disk_full(dest_server, group, tmp_path):
     d = dest_server
-    if d.kind != "sftp":
-        pytest.skip("disk full is an SFTP case")
     root = Path(d.info["SFTP_LOCAL_ROOT"])
     user = pwd.getpwnam(d.info["SFTP_USER"])
     m = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=512k,uid={user.pw_uid},gid={user.pw_gid},mode=0755",
                         "tmpfs", str(root)], capture_output=True, text=True)
     if m.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs on the SFTP upload folder (needs root and mount): {m.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs on the SFTP upload folder (needs root and mount): {m.stderr.strip()}")
     try:
         prefix = f"full-{secrets.token_hex(4)}"
         ff = group.start(feeds={"42": feed_props(d.kind, d.info, prefix)}, env=ENV, workers=1)

@@ -38,7 +38,7 @@ def small_volume(tmp_path):
     mnt.mkdir()
     m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if m.returncode != 0:
-        pytest.skip(f"cannot mount an 8 MiB tmpfs for the staging folder (needs root): {m.stderr.strip()}")
+        pytest.fail(f"cannot mount an 8 MiB tmpfs for the staging folder (needs root): {m.stderr.strip()}")
     try:
         yield mnt
     finally:

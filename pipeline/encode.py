@@ -397,7 +397,24 @@ class _GzipStream:
             pass
 
 
-class _CsvFileWriter:
+class _WorkerFileWriter:
+    """What both file writers share: the last chunk, then closing on the ordered worker, in order."""
+
+    _worker: _OrderedWorker
+    _chunks: Any
+
+    def _close(self, result: list[EncodedFile]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> EncodedFile:
+        self._chunks.flush()
+        result: list[EncodedFile] = []
+        self._worker.submit(self._close, result)
+        self._worker.drain()
+        return result[0]
+
+
+class _CsvFileWriter(_WorkerFileWriter):
     def __init__(self, out_dir: Path, name: str, spec: EncodeSpec, worker: _OrderedWorker):
         self.rows = 0
         self._worker = worker
@@ -428,12 +445,6 @@ class _CsvFileWriter:
             self._file.digest.write(tail)
         result.append(self._file.commit(self.rows))
 
-    def finish(self) -> EncodedFile:
-        self._chunks.flush()
-        result: list[EncodedFile] = []
-        self._worker.submit(self._close, result)
-        self._worker.drain()
-        return result[0]
 
     def abort(self) -> None:
         if isinstance(self._compressor, _GzipStream):
@@ -441,7 +452,7 @@ class _CsvFileWriter:
         self._file.discard()
 
 
-class _ParquetFileWriter:
+class _ParquetFileWriter(_WorkerFileWriter):
     def __init__(self, out_dir: Path, name: str, spec: EncodeSpec, worker: _OrderedWorker):
         self.rows = 0
         self._worker = worker
@@ -471,12 +482,6 @@ class _ParquetFileWriter:
         self._writer.close()
         result.append(self._file.commit(self.rows))
 
-    def finish(self) -> EncodedFile:
-        self._chunks.flush()
-        result: list[EncodedFile] = []
-        self._worker.submit(self._close, result)
-        self._worker.drain()
-        return result[0]
 
     def abort(self) -> None:
         self._file.discard()

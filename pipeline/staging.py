@@ -1170,10 +1170,10 @@ def verify_segment(path: Path) -> SegmentScan:
         return scan_buffer(f.read())
 
 
-def _iter_frames(path: Path, read_size: int = 4 * MiB) -> Iterator[tuple[Frame, memoryview]]:
-    """Valid frames of a segment with their payloads, streaming; raise CorruptSegment at the first bad frame.
+def _scan_frames(path: Path, read_size: int, *, count_rows: bool = True) -> Iterator[tuple[bytearray, Frame]]:
+    """Valid frames of a segment with the buffer holding them, streaming; raise CorruptSegment at the first bad one.
 
-    Each read goes into a fresh buffer: the payload views handed out stay valid while the caller batches them.
+    Each read goes into a fresh buffer: views into an earlier buffer stay valid while the caller batches them.
     """
     with open(path, "rb", buffering=0) as f:
         buf = bytearray()
@@ -1181,12 +1181,12 @@ def _iter_frames(path: Path, read_size: int = 4 * MiB) -> Iterator[tuple[Frame, 
         base = 0  # file offset of buf[0]
         while True:
             while pos < end:
-                res = check_frame(buf, pos, end)
+                res = check_frame(buf, pos, end, count_rows=count_rows)
                 if isinstance(res, FrameError):
                     if res.incomplete and not _frame_too_big(buf, pos, end):
                         break  # read more
                     raise CorruptSegment(path, base + pos, res.reason)
-                yield res, memoryview(buf)[res.payload_offset : res.end]
+                yield buf, res
                 pos = res.end
             carry = end - pos
             want = max(read_size, carry + MAX_HEADER_BYTES)
@@ -1202,6 +1202,12 @@ def _iter_frames(path: Path, read_size: int = 4 * MiB) -> Iterator[tuple[Frame, 
                 return
             base += pos
             buf, pos, end = nbuf, 0, carry + n
+
+
+def _iter_frames(path: Path, read_size: int = 4 * MiB) -> Iterator[tuple[Frame, memoryview]]:
+    """Valid frames of a segment with their payloads, streaming; raise CorruptSegment at the first bad frame."""
+    for buf, frame in _scan_frames(path, read_size):
+        yield frame, memoryview(buf)[frame.payload_offset : frame.end]
 
 
 def _frame_too_big(buf: bytearray, pos: int, end: int) -> bool:
@@ -1215,36 +1221,17 @@ def _iter_regions(path: Path, read_size: int) -> Iterator[tuple[memoryview, int]
     Handing pyarrow these runs as they lie on disk avoids copying every payload out from between the headers;
     the parser skips the header lines itself (see _skip_frame_header).
     """
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray()
-        end = pos = 0
-        base = 0  # file offset of buf[0]
-        while True:
-            start, rows = pos, 0
-            while pos < end:
-                res = check_frame(buf, pos, end, count_rows=False)
-                if isinstance(res, FrameError):
-                    if res.incomplete and not _frame_too_big(buf, pos, end):
-                        break  # read more
-                    raise CorruptSegment(path, base + pos, res.reason)
-                rows += res.rows
-                pos = res.end
-            if pos > start:
-                yield memoryview(buf)[start:pos], rows
-            carry = end - pos
-            want = max(read_size, carry + MAX_HEADER_BYTES)
-            h = parse_header(buf, pos, end) if carry else None
-            if h is not None:
-                want = max(want, h[1] + h[4])
-            nbuf = bytearray(want)
-            nbuf[:carry] = buf[pos:end]
-            n = f.readinto(memoryview(nbuf)[carry:])
-            if not n:
-                if carry:
-                    raise CorruptSegment(path, base + pos, check_frame(buf, pos, end).reason)  # type: ignore[union-attr]
-                return
-            base += pos
-            buf, pos, end = nbuf, 0, carry + n
+    current: bytearray | None = None
+    start = stop = rows = 0
+    for buf, frame in _scan_frames(path, read_size, count_rows=False):
+        if buf is not current:
+            if current is not None and stop > start:
+                yield memoryview(current)[start:stop], rows
+            current, start, rows = buf, frame.offset, 0
+        stop = frame.end
+        rows += frame.rows
+    if current is not None and stop > start:
+        yield memoryview(current)[start:stop], rows
 
 
 def _skip_frame_header(row: pacsv.InvalidRow) -> str:

@@ -1239,23 +1239,11 @@ def _skip_frame_header(row: pacsv.InvalidRow) -> str:
     return "skip" if row.text.startswith("#") and "\t" not in row.text else "error"
 
 
-_PARSE_OPTIONS = pacsv.ParseOptions(
-    delimiter="\t",
-    quote_char=False,
-    double_quote=False,
-    escape_char=False,
-    newlines_in_values=False,
-    ignore_empty_lines=False,
-)
-_FRAMED_PARSE_OPTIONS = pacsv.ParseOptions(
-    delimiter="\t",
-    quote_char=False,
-    double_quote=False,
-    escape_char=False,
-    newlines_in_values=False,
-    ignore_empty_lines=False,
-    invalid_row_handler=_skip_frame_header,
-)
+# Plain TSV: no quoting and no escaping (values never hold a tab, newline, CR or NUL).
+_TSV = {"delimiter": "\t", "quote_char": False, "double_quote": False, "escape_char": False,
+        "newlines_in_values": False, "ignore_empty_lines": False}
+_PARSE_OPTIONS = pacsv.ParseOptions(**_TSV)
+_FRAMED_PARSE_OPTIONS = pacsv.ParseOptions(**_TSV, invalid_row_handler=_skip_frame_header)
 _CONVERT_OPTIONS = pacsv.ConvertOptions(
     column_types=STAGED_SCHEMA,
     null_values=[],

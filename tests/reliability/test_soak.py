@@ -36,6 +36,7 @@ PARTITIONS = [("7", "UPSERT"), ("7", "DELETE")]
 MAX_STAGED_AGE = 15.0  # seconds: batch interval + seal + roll, with a wide margin for a loaded 2-core machine
 
 
+@pytest.mark.timeout(int(SECONDS) + 300)  # the soak itself, plus start, warm-up and the final delivery check
 def test_soak(group, tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()

@@ -120,11 +120,6 @@ class ItemParser:
         return partition, ref, (id_type, ident, ts, session_id, datamart_id, user_point_id)
 
 
-def parse_item(raw: Any, context: dict[str, Any]) -> tuple[Partition, str | None, tuple] | None:
-    """One batch item as (partition, ref or None, row), or None when it cannot be a row."""
-    return ItemParser(context).parse(raw)
-
-
 def _roll_folder_holding(pdir: Path, name: str) -> str | None:
     """"rolling" or "failed" when a roll folder of the partition holds segment file `name`."""
     for state in (ROLLING, FAILED):

@@ -162,17 +162,7 @@ class Group:
 
 
 def _group_alive(pgid: int) -> bool:
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+    return bool(group_pids(pgid))
 
 
 def group_pids(pgid: int) -> list[int]:

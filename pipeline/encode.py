@@ -29,6 +29,7 @@ from isal import igzip_threaded, isal_zlib
 
 from config.feed import COMPRESSIONS, Column, FeedProperties, parse_columns
 from pipeline.durable import fsync_dir
+from pipeline.model import STAGED_FIELDS
 
 # Rows per chunk handed from the formatting thread to the compressing one: a few MB of CSV (about 100 bytes a row),
 # so the queue stays small in bytes and per-chunk overhead negligible.
@@ -44,12 +45,15 @@ ZSTD_LEVEL = 1
 ZSTD_THREADS = 2
 # Chunks in flight between the formatting thread and the compressing thread.
 QUEUE_DEPTH = 3
+# Writes in flight to a background digest thread: Parquet pages of about 1 MB or less, so a few MB at most.
+DIGEST_QUEUE_DEPTH = 16
 
 # Partition-level values: one per roll, become constant columns.
 CONSTANT_SOURCES = ("feed_id", "segment_id", "operation")
 # Columns that are unique per row: a dictionary would only cost time before Parquet falls back to plain encoding.
 HIGH_CARDINALITY_SOURCES = frozenset({"identifier", "user_point_id", "ts"})
-SOURCE_TYPES: dict[str, pa.DataType] = {"ts": pa.int64()}
+# A staged column that is always read, so a spec showing only constant columns still counts its rows.
+ROW_COUNT_SOURCE = "identifier_type"
 
 
 @dataclass(frozen=True)
@@ -117,9 +121,27 @@ class EncodedFile:
         return asdict(self)
 
 
+def source_type(source: str, file_format: str) -> pa.DataType:
+    """Type of a column in the files: Parquet keeps ts as int64; everything else is text.
+
+    CSV reads ts as the digits the journal holds and writes them back unchanged: the same bytes as an int64 column,
+    without parsing and formatting every timestamp.
+    """
+    return pa.int64() if source == "ts" and file_format == "parquet" else pa.string()
+
+
 def output_schema(spec: EncodeSpec) -> pa.Schema:
-    """Typed schema of the files: headers as field names, ts as int64, everything else as string."""
-    return pa.schema([(c.header, SOURCE_TYPES.get(c.source, pa.string())) for c in spec.columns])
+    """Schema of the files: headers as field names, ts as int64 in Parquet, everything else as string."""
+    return pa.schema([(c.header, source_type(c.source, spec.file_format)) for c in spec.columns])
+
+
+def read_schema(spec: EncodeSpec) -> pa.Schema:
+    """The staged columns `spec` shows (plus one to count rows by), typed as the files want them.
+
+    Readers parse only these: a roll of the default columns skips converting half of what the journal holds.
+    """
+    wanted = {c.source for c in spec.columns} | {ROW_COUNT_SOURCE}
+    return pa.schema([(name, source_type(name, spec.file_format)) for name in STAGED_FIELDS if name in wanted])
 
 
 class _ColumnProjector:
@@ -159,10 +181,10 @@ class _ColumnProjector:
 class _OrderedWorker:
     """One background thread running submitted calls in order; the first error is raised back in the caller."""
 
-    def __init__(self, depth: int = QUEUE_DEPTH):
+    def __init__(self, depth: int = QUEUE_DEPTH, name: str = "filefeed-encode"):
         self._tasks: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue(depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="filefeed-encode", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -198,23 +220,43 @@ class _OrderedWorker:
 
 
 class _DigestFile:
-    """A write-only file that hashes and counts what goes through it (no second read to get the sha256)."""
+    """A write-only file that hashes and counts what goes through it (no second read to get the sha256).
 
-    def __init__(self, path: Path):
+    With `background=True`, hashing and writing happen on a thread of their own, in order: the Parquet writer's
+    thread (the slowest stage of a Parquet roll) then only encodes. Errors surface at the next write or at the close.
+    """
+
+    def __init__(self, path: Path, *, background: bool = False):
         self.path = path
         # O_EXCL: a leftover temp from a crashed run was removed by the caller; anything else is a bug to surface.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         self._sha = hashlib.sha256()
+        self._worker = _OrderedWorker(DIGEST_QUEUE_DEPTH, name="filefeed-digest") if background else None
         self.size = 0
         self.closed = False
 
     def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self._sha.update(view)
-        self._file.write(view)
-        self.size += view.nbytes
-        return view.nbytes
+        if self._worker is None:
+            self._write_now(data)
+        else:
+            # bytes are immutable: queued as they are; anything else may be reused by its owner, so it is copied.
+            self._worker.submit(self._write_now, data if type(data) is bytes else bytes(data))
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def _write_now(self, data: Any) -> None:
+        self._sha.update(data)
+        self._file.write(data)
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            try:
+                self._worker.drain()
+            finally:
+                self._worker.close()
+                self._worker = None
 
     def tell(self) -> int:
         return self.size
@@ -232,6 +274,7 @@ class _DigestFile:
         return False
 
     def sync_and_close(self) -> str:
+        self._stop_worker()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -243,6 +286,10 @@ class _DigestFile:
         pass
 
     def discard(self) -> None:
+        try:
+            self._stop_worker()
+        except Exception:  # noqa: BLE001,S110 - already failing; the caller reports the first error
+            pass
         if not self._file.closed:
             self._file.close()
         self.closed = True
@@ -325,12 +372,12 @@ class _FileWriter(Protocol):
 class _LocalFile:
     """Temp name while writing, final name after fsync + rename."""
 
-    def __init__(self, out_dir: Path, name: str):
+    def __init__(self, out_dir: Path, name: str, *, background: bool = False):
         self.name = name
         self.final = out_dir / name
         self.temp = out_dir / f".{name}.tmp"
         self.temp.unlink(missing_ok=True)  # a leftover of a crashed encode
-        self.digest = _DigestFile(self.temp)
+        self.digest = _DigestFile(self.temp, background=background)
 
     def commit(self, rows: int) -> EncodedFile:
         sha256 = self.digest.sync_and_close()
@@ -456,7 +503,7 @@ class _ParquetFileWriter(_WorkerFileWriter):
     def __init__(self, out_dir: Path, name: str, spec: EncodeSpec, worker: _OrderedWorker):
         self.rows = 0
         self._worker = worker
-        self._file = _LocalFile(out_dir, name)
+        self._file = _LocalFile(out_dir, name, background=True)  # the worker encodes; hashing and writing overlap
         schema = output_schema(spec)
         dictionary = [c.header for c in spec.columns if c.source not in HIGH_CARDINALITY_SOURCES]
         self._writer = pq.ParquetWriter(
@@ -507,10 +554,11 @@ def encode_batches(
     *,
     on_file: Callable[[EncodedFile], None] | None = None,
 ) -> list[EncodedFile]:
-    """Encode staged batches (STAGED_SCHEMA) into files `part-00001.<ext>`, ... in `out_dir`.
+    """Encode staged batches into files `part-00001.<ext>`, ... in `out_dir`.
 
     Args:
-        batches: record batches with the staged columns, in the order rows must appear.
+        batches: record batches holding the staged columns of read_schema(spec) (more are ignored, other types
+            cast), in the order rows must appear.
         spec: format, compression, columns and the row cap per file.
         constants: feed_id, segment_id and operation of the partition (the constant columns).
         out_dir: existing local folder; finished files appear there only complete (temp + fsync + rename).

@@ -12,9 +12,10 @@ Values never contain TAB, LF, CR or NUL (they are refused before staging), so th
 from __future__ import annotations
 
 import re
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+from isal.isal_zlib import crc32  # zlib's CRC-32, about 4x faster than the zlib module's (PCLMUL)
 
 from pipeline.model import STAGED_FIELDS
 
@@ -89,7 +90,7 @@ def encode_payload(text: str | Iterable[str]) -> bytes:
 
 def encode_frame(payload: bytes, rows: int, ts_ms: int) -> bytes:
     """One frame: header line + payload."""
-    return b"#%08x %d %d %d\n" % (zlib.crc32(payload), len(payload), rows, ts_ms) + payload
+    return b"#%08x %d %d %d\n" % (crc32(payload), len(payload), rows, ts_ms) + payload
 
 
 def encode_rows(rows: Sequence[Row], ts_ms: int) -> bytes:
@@ -138,7 +139,7 @@ def check_frame(buf: bytes | bytearray, pos: int, end: int, *, count_rows: bool 
     start = pos + hlen
     if start + plen > end:
         return FrameError(pos, f"payload cut short ({end - start} of {plen} bytes)", incomplete=True)
-    if zlib.crc32(memoryview(buf)[start : start + plen]) != crc:
+    if crc32(memoryview(buf)[start : start + plen]) != crc:
         return FrameError(pos, "checksum mismatch")
     # The row count is outside the checksum: a cheap newline count keeps headers honest for counts and stats.
     if (plen and buf[start + plen - 1] != 0x0A) or (count_rows and buf.count(b"\n", start, start + plen) != rows):

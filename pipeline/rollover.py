@@ -31,16 +31,14 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from config.feed import FeedProperties
-from pipeline.encode import EncodedFile, EncodeSpec, encode_batches
+from pipeline.encode import EncodedFile, EncodeSpec, encode_batches, read_schema
 from pipeline.ledger import (
     FAILED,
     OPEN,
@@ -55,7 +53,7 @@ from pipeline.ledger import (
     partition_dir,
     read_json,
 )
-from pipeline.model import Partition
+from pipeline.model import STAGED_FIELDS, Partition
 from pipeline.naming import NameContext, UnsafeNameError, manifest_name, render_name
 from sinks.base import Sink, SinkError, TerminalError
 
@@ -90,9 +88,6 @@ CRASH_POINTS = (
 )
 
 STATUSES = ("published", "nothing", "transient", "terminal", "busy")
-
-SegmentReader = Callable[[list[Path]], Iterable[pa.RecordBatch]]
-
 
 def crash_point(name: str) -> None:
     """Die like a kill -9 at `name` when the crash tests ask for it; free when the variable is unset."""
@@ -421,34 +416,19 @@ class _RollDone:
     rows: int = 0
 
 
-def _default_reader(paths: list[Path]) -> Iterable[pa.RecordBatch]:
+def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
     from pipeline import staging  # imported late: staging is optional for encoding-only users and tests
 
-    return staging.iter_batches(paths, chunk_bytes=READ_CHUNK_BYTES)
-
-
-class _DatamartProbe:
-    """Pass batches through and remember the first datamart_id seen (names may use it; rows carry it)."""
-
-    def __init__(self, batches: Iterable[pa.RecordBatch]):
-        self._batches = batches
-        self.datamart_id: str | None = None
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        for batch in self._batches:
-            if self.datamart_id is None and batch.num_rows and "datamart_id" in batch.schema.names:
-                column = batch.column("datamart_id").drop_null()
-                if len(column):
-                    self.datamart_id = str(column[0].as_py())
-            yield batch
-
-
-def _encode(rdir: Path, plan: _Plan, reader: SegmentReader, lease: Lease) -> dict[str, Any]:
     out = rdir / "out"
     shutil.rmtree(out, ignore_errors=True)  # a half-encoded output from a crash: encoding again gives the same files
     out.mkdir()
     paths = [rdir / "segments" / name for name in plan.segments]
-    probe = _DatamartProbe(reader(paths))
+    # Only the columns the files show are parsed; the {datamart_id} macro and the manifest take the first row's.
+    batches = staging.iter_batches(paths, chunk_bytes=READ_CHUNK_BYTES, schema=read_schema(plan.spec))
+    datamart_id = plan.datamart_id
+    if datamart_id is None:
+        first = staging.first_row(paths)
+        datamart_id = first[STAGED_FIELDS.index("datamart_id")] if first else ""
     constants = {
         "feed_id": plan.partition.feed_id,
         "segment_id": plan.partition.segment_id,
@@ -459,8 +439,7 @@ def _encode(rdir: Path, plan: _Plan, reader: SegmentReader, lease: Lease) -> dic
         lease.heartbeat()
         crash_point(f"encode_file:{int(encoded.name.split('-')[1].split('.')[0])}")
 
-    files = encode_batches(probe, plan.spec, constants, out, on_file=on_file)
-    datamart_id = plan.datamart_id or probe.datamart_id or ""
+    files = encode_batches(batches, plan.spec, constants, out, on_file=on_file)
     context = NameContext(
         partition=plan.partition,
         batch_id=plan.roll_id,
@@ -660,7 +639,7 @@ def _fail(pdir: Path, rdir: Path, error: RollError, attempts: int) -> None:
 
 
 def _run_roll(
-    pdir: Path, partition: Partition, roll_id: str, sink: Sink, reader: SegmentReader, lease: Lease
+    pdir: Path, partition: Partition, roll_id: str, sink: Sink, lease: Lease
 ) -> _RollDone:
     """Drive one roll folder from whatever state it is in to the ledger. Raises RollError (already handled on disk)."""
     rdir = pdir / ROLLING / roll_id
@@ -675,7 +654,7 @@ def _run_roll(
         _finish_moves(pdir, rdir, plan)
         encoded = _load_encoded(rdir)
         if encoded is None:
-            encoded = _encode(rdir, plan, reader, lease)
+            encoded = _encode(rdir, plan, lease)
         _publish(rdir, encoded, sink, lease)
         _record_and_clean(pdir, rdir, plan, encoded)
     except Exception as e:  # noqa: BLE001 - classified once, here
@@ -705,7 +684,6 @@ def _roll_locked(
     partition: Partition,
     props: FeedProperties | None,
     sink: Sink,
-    reader: SegmentReader,
     lease: Lease,
     now: datetime,
     datamart_id: str | None,
@@ -731,14 +709,14 @@ def _roll_locked(
     try:
         for roll_id in pending:
             roll_ids.append(roll_id)
-            done = _run_roll(pdir, partition, roll_id, sink, reader, lease)
+            done = _run_roll(pdir, partition, roll_id, sink, lease)
             files.extend(done.files)
             rows += done.rows
         if props is not None:
             plan = _plan_roll(pdir, partition, props, now, datamart_id)
             if plan is not None:
                 roll_ids.append(plan.roll_id)
-                done = _run_roll(pdir, partition, plan.roll_id, sink, reader, lease)
+                done = _run_roll(pdir, partition, plan.roll_id, sink, lease)
                 files.extend(done.files)
                 rows += done.rows
     except RollError as e:
@@ -755,7 +733,6 @@ def roll_partition(
     now: datetime | None = None,
     wait_seconds: float = 0.0,
     datamart_id: str | None = None,
-    reader: SegmentReader | None = None,
     lease_stale_after: float = LEASE_STALE_SECONDS,
 ) -> RollOutcome:
     """Resume the partition's unfinished rolls, then roll everything in sealed/ and publish it through `sink`.
@@ -768,7 +745,6 @@ def roll_partition(
         now: the roll's planned time (UTC), for names and the roll id; defaults to the clock.
         wait_seconds: how long to wait for a lease held by another live roller before answering "busy".
         datamart_id: value of the {datamart_id} name macro; defaults to the first datamart_id in the rows.
-        reader: turns segment paths into STAGED_SCHEMA batches; defaults to pipeline.staging.iter_batches.
         lease_stale_after: seconds without a heartbeat after which another host's lease counts as abandoned.
     """
     pdir = partition_dir(root, partition)
@@ -776,9 +752,7 @@ def roll_partition(
     if lease is None:
         return RollOutcome(status="busy")
     try:
-        return _roll_locked(
-            pdir, partition, props, sink, reader or _default_reader, lease, now or datetime.now(UTC), datamart_id
-        )
+        return _roll_locked(pdir, partition, props, sink, lease, now or datetime.now(UTC), datamart_id)
     finally:
         lease.release()
 
@@ -790,7 +764,6 @@ def retry_failed(
     *,
     roll_ids: Iterable[str] | None = None,
     wait_seconds: float = 0.0,
-    reader: SegmentReader | None = None,
 ) -> RollOutcome:
     """Move failed rolls (all, or `roll_ids`) back to rolling/ and resume them with their own plans.
 
@@ -816,7 +789,7 @@ def retry_failed(
             fsync_dir(rolling)
             fsync_dir(pdir / FAILED)
         # props=None: only resume; new segments wait for the next regular roll.
-        return _roll_locked(pdir, partition, None, sink, reader or _default_reader, lease, datetime.now(UTC), None)
+        return _roll_locked(pdir, partition, None, sink, lease, datetime.now(UTC), None)
     finally:
         lease.release()
 

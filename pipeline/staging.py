@@ -66,6 +66,7 @@ __all__ = [
     "clean_value",
     "count_rows",
     "is_clean_value",
+    "first_row",
     "iter_batches",
     "iter_rows",
     "verify_segment",
@@ -74,6 +75,7 @@ __all__ = [
 log = logging.getLogger("filefeed.staging")
 
 MiB = 1024 * 1024
+PARSE_THREADS = False
 SUFFIX = ".jnl"
 OPEN, SEALED = "open", "sealed"
 INLINE_MAX_HOPS = 4
@@ -1078,8 +1080,10 @@ class Staging:
 
     # Readers, also reachable from a Staging for callers that only hold one.
     @staticmethod
-    def iter_batches(paths: Iterable[Path], *, chunk_bytes: int = 8 * MiB) -> Iterator[pa.RecordBatch]:
-        return iter_batches(paths, chunk_bytes=chunk_bytes)
+    def iter_batches(
+        paths: Iterable[Path], *, chunk_bytes: int = 8 * MiB, schema: pa.Schema | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        return iter_batches(paths, chunk_bytes=chunk_bytes, schema=schema)
 
     @staticmethod
     def count_rows(path: Path) -> int:
@@ -1255,16 +1259,34 @@ _CONVERT_OPTIONS = pacsv.ConvertOptions(
 _BLOCK_BYTES = 512 * 1024
 
 
-def _parse_regions(regions: list[memoryview], rows: int, paths: list[Path]) -> Iterator[pa.RecordBatch]:
+def _convert_options(schema: pa.Schema | None) -> pacsv.ConvertOptions:
+    if schema is None:
+        return _CONVERT_OPTIONS
+    unknown = [name for name in schema.names if name not in STAGED_FIELDS]
+    if unknown or not schema.names:
+        raise ValueError(f"schema must name staged columns ({', '.join(STAGED_FIELDS)}), got {schema.names}")
+    return pacsv.ConvertOptions(
+        column_types=schema,
+        include_columns=schema.names,
+        null_values=[],
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+        check_utf8=True,
+    )
+
+
+def _parse_regions(
+    regions: list[memoryview], rows: int, paths: list[Path], convert: pacsv.ConvertOptions
+) -> Iterator[pa.RecordBatch]:
     # One region (the usual case with big segments) is parsed in place; small ones are joined first. Every region
     # starts with a frame header, so pyarrow never sees a UTF-8 BOM at the start (it would drop it from a value).
     data = regions[0] if len(regions) == 1 else b"".join(regions)
     try:
         table = pacsv.read_csv(
             pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(use_threads=True, block_size=_BLOCK_BYTES, column_names=list(STAGED_FIELDS)),
+            read_options=pacsv.ReadOptions(use_threads=PARSE_THREADS, block_size=_BLOCK_BYTES, column_names=list(STAGED_FIELDS)),
             parse_options=_FRAMED_PARSE_OPTIONS,
-            convert_options=_CONVERT_OPTIONS,
+            convert_options=convert,
         )
     except pa.ArrowInvalid as e:
         _raise_corrupt(paths, f"rows the parser refuses: {e}")
@@ -1284,11 +1306,16 @@ def _raise_corrupt(paths: list[Path], reason: str) -> NoReturn:
     raise CorruptSegment(paths[-1], -1, reason)
 
 
-def iter_batches(paths: Iterable[Path], *, chunk_bytes: int = 8 * MiB) -> Iterator[pa.RecordBatch]:
-    """Rows of `paths` (in order) as STAGED_SCHEMA record batches; memory bounded by about 2 x `chunk_bytes`.
+def iter_batches(
+    paths: Iterable[Path], *, chunk_bytes: int = 8 * MiB, schema: pa.Schema | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Rows of `paths` (in order) as record batches; memory bounded by about 2 x `chunk_bytes`.
 
-    Frames are checked as they stream (checksums per frame, row counts per chunk); damage raises CorruptSegment.
+    `schema` picks staged columns and their types (default: all of STAGED_SCHEMA); columns left out are not
+    converted at all. Frames are checked as they stream (checksums per frame, row counts per chunk); damage raises
+    CorruptSegment.
     """
+    convert = _convert_options(schema)
     regions: list[memoryview] = []
     in_chunk: list[Path] = []
     size = rows = 0
@@ -1301,15 +1328,23 @@ def iter_batches(paths: Iterable[Path], *, chunk_bytes: int = 8 * MiB) -> Iterat
             size += len(region)
             rows += n
             if size >= chunk_bytes:
-                yield from _parse_regions(regions, rows, in_chunk)
+                yield from _parse_regions(regions, rows, in_chunk, convert)
                 regions, in_chunk, size, rows = [], [path], 0, 0
     if size:
-        yield from _parse_regions(regions, rows, in_chunk)
+        yield from _parse_regions(regions, rows, in_chunk, convert)
 
 
 def count_rows(path: Path) -> int:
     """Rows in one segment, every frame checked."""
     return sum(frame.rows for frame, _ in _iter_frames(Path(path)))
+
+
+def first_row(paths: Iterable[Path]) -> Row | None:
+    """The first staged row of `paths`, reading only its frame; None when they hold no row."""
+    for path in paths:
+        for row in iter_rows(path):
+            return row
+    return None
 
 
 def iter_rows(path: Path) -> Iterator[Row]:

@@ -1,7 +1,9 @@
 """`file:///absolute/path`: publish into a local (or mounted) folder.
 
-Publish = copy to a dot-prefixed temp file in the destination folder, fsync it, then `os.link` it onto the final
-name and fsync the folder. `link` fails when the name exists, so publishing is create-only even against a concurrent
+Publish = when the source lies on the same filesystem, fsync it and `os.link` it straight onto the final name (no
+second copy of the bytes: a roll's output files are complete, fsynced and never modified); otherwise copy to a
+dot-prefixed temp file in the destination folder, fsync it, then `os.link` it onto the final name. Either way the
+folder is fsynced after. `link` fails when the name exists, so publishing is create-only even against a concurrent
 publisher: an existing name with identical bytes is `already_present`, with different bytes a TerminalError
 (kind "conflict"). On filesystems without hard links (some FUSE/SMB mounts) it falls back to a checked `os.replace`,
 which is atomic but could let a concurrent publisher of the same name win; deterministic names make that harmless.
@@ -61,6 +63,8 @@ def _copy(src: BinaryIO, dst: BinaryIO) -> None:
 @register
 class LocalSink(Sink):
     scheme = "file"
+    # Publish by hard link when source and destination share a filesystem; tests of the copy path turn it off.
+    link_sources = True
 
     @property
     def root(self) -> Path:
@@ -112,6 +116,21 @@ class LocalSink(Sink):
         except OSError as e:
             raise classify_os_error(e, f"checking {self.destination.uri}") from None
 
+    def _link_source(self, local_path: Path, final: Path) -> bool:
+        """Hard-link the source onto `final` (create-only); False when this filesystem pair cannot link."""
+        fd = os.open(local_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the published name must never point at bytes still only in the page cache
+        finally:
+            os.close(fd)
+        try:
+            os.link(local_path, final)
+        except OSError as e:
+            if e.errno in _NO_LINK:
+                return False
+            raise
+        return True
+
     def publish(self, local_path: Path, name: str) -> PublishResult:
         final = self._path(name)
         tmp: Path | None = None
@@ -121,6 +140,14 @@ class LocalSink(Sink):
             self._inside_root(final.parent)
             if final.exists():
                 return self._existing(local_path, final, name, size)
+            if self.link_sources:
+                try:
+                    linked = self._link_source(local_path, final)
+                except FileExistsError:
+                    return self._existing(local_path, final, name, size)  # lost a race with another publisher
+                if linked:
+                    _fsync_dir(final.parent)
+                    return PublishResult(name, size, self.url(name))
             tmp = final.parent / f".{final.name}.filefeed-tmp-{uuid.uuid4().hex[:12]}"
             with self.open_source(local_path) as src, open(tmp, "xb") as dst:
                 _copy(src, dst)

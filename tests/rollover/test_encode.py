@@ -196,3 +196,37 @@ def test_error_mid_stream_leaves_no_partial_file(tmp_path: Path) -> None:
 def test_missing_constant_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="segment_id"):
         encode_batches(batches_of(make_rows(1)), spec(), {"feed_id": "f", "operation": "UPSERT"}, tmp_path)
+
+
+def test_read_schema_parses_only_what_the_files_show(tmp_path: Path) -> None:
+    """A roll reads the staged columns its spec shows (ts as text for CSV, int64 for Parquet) and writes the same
+    bytes as from fully typed batches."""
+    from pipeline.encode import read_schema
+    from pipeline.journal import encode_rows
+    from pipeline.staging import iter_batches
+
+    rows = make_rows(2500)
+    segment = tmp_path / "w1-000001.jnl"
+    segment.write_bytes(b"".join(encode_rows(rows[i : i + 700], 0) for i in range(0, len(rows), 700)))
+    default = "segment_id,operation,identifier_type,identifier,ts"
+
+    csv_spec = spec("csv", "gzip", default)
+    assert read_schema(csv_spec) == pa.schema([("identifier_type", pa.string()), ("identifier", pa.string()),
+                                               ("ts", pa.string())])
+    pq_spec = spec("parquet", "zstd", "identifier=Email,ts=Time")
+    assert read_schema(pq_spec).names == ["identifier_type", "identifier", "ts"]  # identifier_type counts rows
+    assert read_schema(pq_spec).field("ts").type == pa.int64()
+    assert read_schema(spec("csv", "none", "segment_id")).names == ["identifier_type"]
+
+    for s in (csv_spec, pq_spec, spec("csv", "zstd", "operation,user_point_id=UP")):
+        projected = list(iter_batches([segment], chunk_bytes=64 * 1024, schema=read_schema(s)))
+        assert sum(b.num_rows for b in projected) == len(rows)
+        assert all(b.schema == read_schema(s) for b in projected)
+        a, b = tmp_path / f"a-{s.extension}-{len(s.columns)}", tmp_path / f"b-{s.extension}-{len(s.columns)}"
+        a.mkdir()
+        b.mkdir()
+        from_text = encode_batches(projected, s, CONSTANTS, a)
+        from_typed = encode_batches(batches_of(rows), s, CONSTANTS, b)
+        assert [f.sha256 for f in from_text] == [f.sha256 for f in from_typed]
+    with pytest.raises(ValueError, match="staged columns"):
+        list(iter_batches([segment], schema=pa.schema([("segment_id", pa.string())])))

@@ -314,3 +314,14 @@ def test_due_partitions_by_oldest_row_and_pending_rolls(root: Path, dest: Path) 
     props = props_for(dest)
     roll_partition(root, other_feed, props, ScriptedSink(props, [TransientError("down", kind="network")]), now=now)
     assert due_partitions(root, {}, now=now) == [other_feed]
+
+
+def test_datamart_macro_comes_from_the_first_row_when_the_files_do_not_show_it(root: Path, dest: Path) -> None:
+    stage_segment(root, P, "w1-000001.jnl", [])
+    stage_segment(root, P, "w1-000002.jnl", make_rows(3, datamart_id="2077"))
+    props = props_for(dest, file_name_template="{datamart_id}/{segment_id}-{batch_id}-{part}.{ext}")
+    out = roll_partition(root, P, props, open_sink(props), now=NOW)
+    assert out.status == "published" and out.files[0].startswith("2077/seg-1-")
+    manifest = json.loads(destination_files(dest)[next(n for n in destination_files(dest) if n.endswith(".json"))])
+    assert manifest["datamart_id"] == "2077"
+    assert list(destination_rows(dest)[0]) == ["segment_id", "operation", "identifier_type", "identifier", "ts"]

@@ -84,6 +84,8 @@ class FailingReader:
 
 def inject(sink: Sink, after: int, action: Any = None) -> None:
     sink.open_source = lambda p: FailingReader(open(p, "rb"), after, action)  # type: ignore[method-assign]
+    if hasattr(sink, "link_sources"):
+        sink.link_sources = False  # the local sink would hard-link the file instead of reading it
 
 
 def names(sink: Sink, prefix: str = "") -> list[str]:
@@ -331,6 +333,46 @@ def test_local_symlink_out_of_root_is_refused(servers: dict[str, str], unique_pr
             s.publish(write(tmp_path / "f", b"x"), "link/f.csv")
         assert e.value.kind == "invalid_name"
         assert list(outside.iterdir()) == []
+
+
+def test_local_publish_links_on_the_same_filesystem(
+    servers: dict[str, str], unique_prefix: str, tmp_path: Path
+) -> None:
+    with open_sink(sink_props("file", servers, unique_prefix)) as s:
+        src = write(tmp_path / "f.csv", b"a,b\n1,2\n")
+        if os.stat(tmp_path).st_dev != os.stat(Path(s.destination.path).parent).st_dev:
+            pytest.fail("the test destination must share the temp folder's filesystem")
+        assert not s.publish(src, "d/f.csv").already_present
+        published = Path(s.destination.path) / "d" / "f.csv"
+        assert published.stat().st_ino == src.stat().st_ino  # no second copy of the bytes
+        assert s.publish(src, "d/f.csv").already_present
+        src.unlink()  # the roll removes its output folder after the ledger: the published file stays whole
+        assert published.read_bytes() == b"a,b\n1,2\n"
+        # copy mode (what a mounted destination on another filesystem gets) gives the same bytes, another inode
+        s.link_sources = False  # type: ignore[attr-defined]
+        other = write(tmp_path / "g.csv", b"x\n")
+        s.publish(other, "d/g.csv")
+        assert (Path(s.destination.path) / "d" / "g.csv").stat().st_ino != other.stat().st_ino
+        assert names(s) == ["d/f.csv", "d/g.csv"]
+
+
+def test_local_publish_copies_when_the_filesystems_cannot_link(
+    servers: dict[str, str], unique_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_link = os.link
+    src = write(tmp_path / "f.csv", b"1,2\n")
+
+    def cross_device(a: Any, b: Any) -> None:
+        if Path(a) == src:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(a, b)
+
+    monkeypatch.setattr("sinks.local.os.link", cross_device)
+    with open_sink(sink_props("file", servers, unique_prefix)) as s:
+        assert not s.publish(src, "f.csv").already_present
+        published = Path(s.destination.path) / "f.csv"
+        assert published.read_bytes() == b"1,2\n" and published.stat().st_ino != src.stat().st_ino
+        assert names(s) == ["f.csv"]  # no temp file left
 
 
 # -- faults on dedicated server instances ----------------------------------------------------------------------

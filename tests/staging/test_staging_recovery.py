@@ -191,3 +191,13 @@ def test_value_starting_with_a_byte_order_mark_survives(tmp_path: Path) -> None:
     r = ("\ufefftype", "\ufeffid", 1, "\ufeff", "", "")
     path.write_bytes(encode_rows([r], 1))
     assert read_all([path]) == [r]
+
+
+def test_first_row_reads_past_empty_segments(tmp_path: Path) -> None:
+    from pipeline.staging import first_row
+
+    empty, full = tmp_path / "a.jnl", tmp_path / "b.jnl"
+    empty.write_bytes(b"")
+    full.write_bytes(encode_rows(rows(7, 5), 0))
+    assert first_row([empty]) is None
+    assert first_row([empty, full]) == rows(7, 5)[0]

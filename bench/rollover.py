@@ -128,7 +128,7 @@ def child_raw(master: Path, work: Path, fmt: str, compression: str, threaded: bo
     import zstandard
     from isal import igzip, igzip_threaded
 
-    from pipeline.encode import GZIP_LEVEL, GZIP_THREADS, ZSTD_LEVEL, ZSTD_THREADS
+    from pipeline.encode import GZIP_BLOCK_BYTES, GZIP_LEVEL, GZIP_THREADS, ZSTD_LEVEL, ZSTD_THREADS
     from pipeline.staging import iter_batches
 
     # The same rows and columns a roll writes (default columns), already in memory: only the write is timed.
@@ -155,7 +155,7 @@ def child_raw(master: Path, work: Path, fmt: str, compression: str, threaded: bo
         pq.write_table(table, path, compression=compression)
     elif threaded and compression == "gzip":
         with open(path, "wb") as f:
-            gz = igzip_threaded.open(f, "wb", compresslevel=GZIP_LEVEL, threads=GZIP_THREADS, block_size=1 << 20)
+            gz = igzip_threaded.open(f, "wb", compresslevel=GZIP_LEVEL, threads=GZIP_THREADS, block_size=GZIP_BLOCK_BYTES)
             with gz, pcsv.CSVWriter(gz, table.schema) as writer:
                 writer.write_table(table)
     elif threaded:

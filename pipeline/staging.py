@@ -1342,8 +1342,10 @@ def count_rows(path: Path) -> int:
 def first_row(paths: Iterable[Path]) -> Row | None:
     """The first staged row of `paths`, reading only its frame; None when they hold no row."""
     for path in paths:
-        for row in iter_rows(path):
-            return row
+        for buf, frame in _scan_frames(Path(path), 64 * 1024, count_rows=False):
+            if frame.rows:
+                end = buf.index(b"\n", frame.payload_offset) + 1
+                return next(iter_payload_lines(bytes(buf[frame.payload_offset : end])))
     return None
 
 

@@ -1,0 +1,55 @@
+"""batch_update items -> rows: what counts as a row, what counts in sent_items_in_error."""
+
+from __future__ import annotations
+
+import orjson
+
+from pipeline.batch import parse_items
+from pipeline.model import Partition
+
+CONTEXT = {"feed_id": "42", "feed_session_id": "s-1", "segment_id": "451256", "datamart_id": "1023",
+           "grouping_key": "UPSERT"}
+GOOD = {"identifier_type": "USER_EMAIL", "identifier": "ab" * 32, "ts": 1717494873000, "user_point_id": "up-1"}
+
+
+def rows_of(items: list) -> tuple[list[tuple], int]:
+    work, invalid = parse_items(CONTEXT, items)
+    return [row for w in work.values() for row, _ in w.rows], invalid
+
+
+def test_json_strings_objects_and_bytes_give_the_same_row() -> None:
+    text = orjson.dumps(GOOD).decode()
+    rows, invalid = rows_of([text, GOOD, text.encode()])
+    assert invalid == 0
+    assert rows == [("USER_EMAIL", "ab" * 32, 1717494873000, "s-1", "1023", "up-1")] * 3
+
+
+def test_separator_characters_are_refused_whether_escaped_or_raw() -> None:
+    escaped_tab = orjson.dumps({**GOOD, "identifier": "a\tb"}).decode()  # JSON text holds the escape \t
+    unicode_nul = '{"identifier_type":"USER_EMAIL","identifier":"a\\u0000b","ts":1}'
+    items = [escaped_tab, unicode_nul, {**GOOD, "user_point_id": "x\ny"}, {**GOOD, "identifier": "c\rd"}]
+    rows, invalid = rows_of(items + [GOOD])
+    assert invalid == 4 and len(rows) == 1
+    # a backslash that is not a separator is a value like any other
+    rows, invalid = rows_of([orjson.dumps({**GOOD, "identifier": "back\\slash"}).decode()])
+    assert invalid == 0 and rows[0][1] == "back\\slash"
+
+
+def test_invalid_items_are_counted_and_leave_no_partition_behind() -> None:
+    items = ["not json", 7, [1], {**GOOD, "ts": "1"}, {**GOOD, "ts": True}, {**GOOD, "identifier": ""},
+             {**GOOD, "operation": "MERGE"}, {**GOOD, "segment_id": "../x"}, {**GOOD, "identifier": "x" * 1025}]
+    work, invalid = parse_items(CONTEXT, items)
+    assert invalid == len(items) and work == {}
+
+
+def test_rows_group_by_partition_with_refs_counted() -> None:
+    ref = "w1-00000001"
+    items = [{**GOOD, "ref": ref}, {**GOOD, "ref": ref}, {**GOOD, "operation": "DELETE", "ref": "../bad"},
+             {**GOOD, "segment_id": 99}]
+    work, invalid = parse_items(CONTEXT, items)
+    assert invalid == 0
+    upsert, delete, other = Partition("42", "451256", "UPSERT"), Partition("42", "451256", "DELETE"), \
+        Partition("42", "99", "UPSERT")
+    assert set(work) == {upsert, delete, other}
+    assert dict(work[upsert].refs) == {ref: 2} and [r for _, r in work[upsert].rows] == [ref, ref]
+    assert dict(work[delete].refs) == {} and [r for _, r in work[delete].rows] == [None]  # malformed ref: none

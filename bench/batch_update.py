@@ -100,11 +100,9 @@ def main() -> None:
         procs.append(ff)
         url = f"http://127.0.0.1:{port}"
         bport = free_port()
-        bare = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.bare_batch:create_app", "--factory",
-                                 "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level",
-                                 "warning", "--host", "127.0.0.1", "--port", str(bport), "--workers",
-                                 str(args.workers)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        bare = subprocess.Popen([sys.executable, "-m", "bench.serve_bare", "bench.bare_batch:create_app", "--host",
+                                 "127.0.0.1", "--port", str(bport), "--workers", str(args.workers)], env=env,
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(bare)
         burl = f"http://127.0.0.1:{bport}"
         wait_ready(url, ff)

@@ -140,8 +140,7 @@ def main() -> None:
     env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
                 "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN"})
     servers = {
-        "bare": [sys.executable, "-m", "uvicorn", "bench.bare_app:create_app", "--factory", "--loop", "uvloop",
-                 "--http", "httptools", "--no-access-log", "--log-level", "warning"],
+        "bare": [sys.executable, "-m", "bench.serve_bare", "bench.bare_app:create_app"],
         "filefeed": [sys.executable, "-m", "filefeed", "serve"],
     }
     procs: dict[str, tuple[subprocess.Popen, str]] = {}

@@ -55,18 +55,21 @@ def serve(
 
     logs.start_run(settings.staging_dir)
     metrics.prepare_multiprocess_dir(settings.staging_dir)
-    n = workers or settings.workers
-    uvicorn.run(
-        "filefeed.app:create_app",
-        factory=True,
-        host=host or settings.host,
-        port=port or settings.port,
-        workers=n,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=10,
+    from filefeed import server
+
+    server.run(
+        uvicorn.Config(
+            "filefeed.app:create_app",
+            factory=True,
+            host=host or settings.host,
+            port=port or settings.port,
+            workers=workers or settings.workers,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=10,
+        )
     )
 
 

@@ -5,7 +5,8 @@ a whole burst of new connections. The platform (and every load generator) keeps 
 they can all land on one worker while the other idles: measured under wrk, one worker at 96 % of a core and the
 other at 0 %, half the machine unused. With SO_REUSEPORT each worker listens on a socket of its own and the kernel
 spreads connections over them by address hash. uvicorn's supervisor still runs the workers (health checks, restart
-of a dead worker, signals); only the socket each worker serves on changes.
+of a dead worker, signals); only the socket each worker serves on changes. Because reuse-port would also let a second
+instance join the port and take half the connections, `run` refuses to start when something already answers there.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ class _ReusePortWorker(multiprocess.Process):
         super().target([sock])
 
 
+def _answers(host: str, port: int) -> bool:
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        socket.create_connection((target, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def run(config: uvicorn.Config) -> None:
     """Serve `config` in the foreground: one process when config.workers <= 1, else supervised reuse-port workers."""
     if config.workers <= 1:
@@ -55,11 +65,14 @@ def run(config: uvicorn.Config) -> None:
     if not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover - not Linux: uvicorn's shared socket
         multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
-    # Fail here, with one clear message, when the address is taken by something outside the group.
+    # Fail here, with one clear message, when the address is taken: by a plain socket (the bind fails), or by
+    # another reuse-port server of this user, which the bind would let us join silently (the connect answers).
     try:
         reuseport_socket(config.host, config.port, config.backlog, listen=False).close()
     except OSError as e:
         raise SystemExit(f"filefeed: cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    if _answers(config.host, config.port):
+        raise SystemExit(f"filefeed: cannot listen on {config.host}:{config.port}: another server listens there")
     # The supervisor builds its workers (at start and on every restart) through this module-level name.
     multiprocess.Process = _ReusePortWorker  # type: ignore[misc]
     multiprocess.Multiprocess(config, sockets=[]).run()

@@ -106,3 +106,20 @@ def test_a_taken_port_fails_at_once_with_a_clear_message(tmp_path: Path) -> None
         assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     finally:
         holder.close()
+
+
+def test_a_second_server_on_the_same_port_is_refused(filefeed_factory, tmp_path: Path) -> None:
+    """Reuse-port would let a second instance join the first one's port and take half its connections."""
+    srv = filefeed_factory(workers=2, env={"FILEFEED_FEEDS": str(ROOT / "config" / "feeds.toml")})
+    port = urlsplit(srv.url).port
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
+    env.update({"FILEFEED_STAGING_DIR": str(tmp_path / "other"), "FILEFEED_MIN_FREE_BYTES": "0",
+                "FILEFEED_FEEDS": str(ROOT / "config" / "feeds.toml")})
+    done = subprocess.run([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port", str(port),
+                           "--workers", "2"], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "another server listens there" in done.stderr, done.stderr
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/v1/status")
+    assert c.getresponse().status == 200  # the first server is untouched
+    c.close()
+

@@ -2,7 +2,8 @@
 
 Each BATCH_DELIVERY item filefeed answered carries `ref`, the staging segment its row was written to. A batch is
 published by whoever receives it:
-- refs whose segment is open are waited for (sealed at once when this process owns them);
+- refs whose segment is open are waited for (sealed at once when this process owns them; another live worker is
+  asked to seal them now);
 - refs whose segment is sealed, rolling or failed are already staged here;
 - refs the ledger lists as consumed were published already (by an earlier batch or the age timer);
 - items with no ref, or a ref this staging volume never saw (another host, a lost disk), are staged now into a

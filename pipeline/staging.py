@@ -79,6 +79,8 @@ PARSE_THREADS = False
 SUFFIX = ".jnl"
 OPEN, SEALED = "open", "sealed"
 INLINE_MAX_HOPS = 4
+# How often a writer with open segments looks for seal requests from other processes (see _seal_requested).
+SEAL_REQUEST_POLL_SECONDS = 0.05
 # Frames are split above this payload size so a reader's chunk always holds whole frames.
 MAX_FRAME_PAYLOAD = 4 * MiB
 # A header claiming more than this is damage, not data: stop before buffering a whole bogus length.
@@ -453,7 +455,9 @@ class Staging:
                     wait = self._seconds_to_next_seal()
                     if wait is not None and wait <= 0:
                         break
-                    self._cond.wait(wait)
+                    if wait is not None and self._has_seal_requests():
+                        break
+                    self._cond.wait(min(wait, SEAL_REQUEST_POLL_SECONDS) if wait is not None else None)
                 entries, self._pending = self._pending, []
                 requests, self._requests = self._requests, []
                 stopping = self._stopping
@@ -468,6 +472,7 @@ class Staging:
                                 en.error = e
                 try:
                     self._seal_due()
+                    self._seal_requested()
                 except Exception:
                     log.exception("sealing failed")
                 for fn, fut in requests:
@@ -682,6 +687,66 @@ class Staging:
 
     # ------------------------------------------------------------------ sealing
 
+    # Seal requests: a batch_update waiting for a segment another live worker still has open asks that worker to seal
+    # it now (an empty file in run/seal-requests/<writer>/) instead of waiting for its age. The owner's committer
+    # looks every SEAL_REQUEST_POLL_SECONDS while it has open segments; the asker removes its file when done.
+    def _seal_request_dir(self, writer_id: str) -> Path:
+        return self.root / "run" / "seal-requests" / writer_id
+
+    def _has_seal_requests(self) -> bool:
+        try:
+            with os.scandir(self._seal_request_dir(self.writer_id)) as it:
+                return any(True for _ in it)
+        except FileNotFoundError:
+            return False
+
+    def _seal_requested(self) -> None:
+        folder = self._seal_request_dir(self.writer_id)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return
+        wanted = {name.rpartition("~")[0] for name in names}  # without the asker's suffix
+        due = [seg for seg in self._open.values() if _seal_request_name(seg.partition, seg.name) in wanted]
+        if due:
+            self._seal(due)
+        for name in names:
+            try:
+                os.unlink(folder / name)
+            except FileNotFoundError:
+                pass
+
+    def _remove_empty_seal_request_dirs(self) -> None:
+        """Writers come and go with their processes; their request folders, once empty, can go too."""
+        base = self.root / "run" / "seal-requests"
+        try:
+            writers = os.listdir(base)
+        except FileNotFoundError:
+            return
+        for writer in writers:
+            try:
+                os.rmdir(base / writer)
+            except OSError:
+                pass  # not empty (a request being served) or already gone
+
+    def _ask_seals(self, partition: Partition, names: list[str]) -> list[Path]:
+        """Ask the live writers of other processes to seal `names` now; returns the request files to remove."""
+        asked: list[Path] = []
+        for name in names:
+            writer = name.rpartition("-")[0]
+            if writer == self.writer_id:
+                continue
+            folder = self._seal_request_dir(writer)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                # one file per asker, so one asker's clean-up never withdraws another's request
+                path = folder / f"{_seal_request_name(partition, name)}~{os.getpid()}-{threading.get_ident()}"
+                path.touch()  # a hint, not state: no fsync (a lost request only means waiting for the age seal)
+            except OSError:
+                continue  # e.g. a full volume: the segment is still sealed by age
+            asked.append(path)
+        return asked
+
     def _seal_due(self) -> None:
         now = time.monotonic()
         due = [s for s in self._open.values() if now - s.created >= self.seal_after_seconds]
@@ -755,18 +820,23 @@ class Staging:
     def wait_sealed(self, partition: Partition, names: Iterable[str], timeout: float) -> dict[str, str | None]:
         """Wait (bounded by `timeout`) until none of `names` is open; return each one's final state.
 
-        Own segments are sealed at once; a dead writer's segments are recovered; a live writer's seal by age.
+        Own segments are sealed at once; a dead writer's segments are recovered; a live writer is asked to seal its
+        segments now (it looks every SEAL_REQUEST_POLL_SECONDS) and otherwise seals them by age.
         """
         wanted = sorted({n.removesuffix(SUFFIX) for n in names})
         deadline = time.monotonic() + timeout
         self._request_own_seals(partition, wanted)
+        asked = self._ask_seals(partition, [n for n, st in self._states(partition, wanted).items() if st == OPEN])
         delay = 0.005
-        while True:
-            states = self._states_after_recovery(partition, wanted)
-            if OPEN not in states.values() or time.monotonic() >= deadline:
-                return states
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.1)
+        try:
+            while True:
+                states = self._states_after_recovery(partition, wanted)
+                if OPEN not in states.values() or time.monotonic() >= deadline:
+                    return states
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.1)
+        finally:
+            _remove_all(asked)
 
     async def wait_sealed_async(
         self, partition: Partition, names: Iterable[str], timeout: float
@@ -774,15 +844,19 @@ class Staging:
         wanted = sorted({n.removesuffix(SUFFIX) for n in names})
         deadline = time.monotonic() + timeout
         fut = self._request_own_seals(partition, wanted)
+        asked = self._ask_seals(partition, [n for n, st in self._states(partition, wanted).items() if st == OPEN])
         if fut is not None:
             await asyncio.wait([asyncio.wrap_future(fut)], timeout=timeout)
         delay = 0.005
-        while True:
-            states = self._states_after_recovery(partition, wanted)
-            if OPEN not in states.values() or time.monotonic() >= deadline:
-                return states
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.1)
+        try:
+            while True:
+                states = self._states_after_recovery(partition, wanted)
+                if OPEN not in states.values() or time.monotonic() >= deadline:
+                    return states
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.1)
+        finally:
+            _remove_all(asked)
 
     def _request_own_seals(self, partition: Partition, names: list[str]) -> concurrent.futures.Future[object] | None:
         own = [n for n in names if n.rpartition("-")[0] == self.writer_id]
@@ -790,8 +864,11 @@ class Staging:
             return None
         return self._call(lambda: self._seal_named(partition, own))
 
+    def _states(self, partition: Partition, names: list[str]) -> dict[str, str | None]:
+        return {n: self.segment_state(partition, n) for n in names}
+
     def _states_after_recovery(self, partition: Partition, names: list[str]) -> dict[str, str | None]:
-        states = {n: self.segment_state(partition, n) for n in names}
+        states = self._states(partition, names)
         for n, st in states.items():
             if st == OPEN and n.rpartition("-")[0] != self.writer_id:  # OPEN implies a checked name
                 # its writer may be dead: an unlocked open segment is recovered (sealed) right here
@@ -845,6 +922,7 @@ class Staging:
         still the file at that path once locked.
         """
         report = RecoveryReport()
+        self._remove_empty_seal_request_dirs()
         for partition, pdir in self._partitions_with_dirs():
             odir = pdir / OPEN
             try:
@@ -1092,6 +1170,19 @@ class Staging:
     @staticmethod
     def iter_rows(path: Path) -> Iterator[Row]:
         return iter_rows(path)
+
+
+def _seal_request_name(partition: Partition, name: str) -> str:
+    # ids and segment names hold only [A-Za-z0-9_-]: '~' cannot occur in them
+    return f"{partition.feed_id}~{partition.segment_id}~{partition.operation}~{name}"
+
+
+def _remove_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _split_frames(payload: bytes, ts_ms: int) -> Iterator[bytes]:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -231,11 +232,30 @@ def test_wait_sealed_seals_own_segments_at_once(make_staging) -> None:
 
 
 def test_wait_sealed_on_another_live_writer(make_staging) -> None:
-    slow = make_staging(seal_after_seconds=3600)
     fast = make_staging(seal_after_seconds=0.05)
     reader = make_staging()
-    a = slow.append_sync(P, rows(0, 1))
     b = fast.append_sync(P, rows(1, 1))
     assert reader.wait_sealed(P, [b.segment], timeout=10) == {b.segment: "sealed"}
-    # A live writer keeps its lock: nobody else may seal its segment; the wait ends at the timeout.
-    assert reader.wait_sealed(P, [a.segment], timeout=0.2) == {a.segment: "open"}
+
+
+def test_wait_sealed_asks_another_live_writer_to_seal_now(make_staging, tmp_path) -> None:
+    """A live writer keeps its lock, so only it may seal its segment: the waiter asks (run/seal-requests/), and the
+    owner seals at once instead of at the segment's age, an hour away here."""
+    slow = make_staging(seal_after_seconds=3600)
+    reader = make_staging()
+    a = slow.append_sync(P, rows(0, 1))
+    started = time.monotonic()
+    assert reader.wait_sealed(P, [a.segment], timeout=30) == {a.segment: "sealed"}
+    assert time.monotonic() - started < 5
+    b = slow.append_sync(P, rows(1, 1))
+    assert b.segment != a.segment
+
+    async def main() -> dict[str, str | None]:
+        return await reader.wait_sealed_async(P, [b.segment], timeout=30)
+
+    assert asyncio.run(main()) == {b.segment: "sealed"}
+    requests = tmp_path / "staging" / "run" / "seal-requests"
+    assert [p for p in requests.rglob("*") if p.is_file()] == []  # served or withdrawn, never left behind
+    # the slow writer's next segment is untouched by the old requests
+    c = slow.append_sync(P, rows(2, 1))
+    assert reader.segment_state(P, c.segment) == "open"

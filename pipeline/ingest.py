@@ -23,8 +23,28 @@ def _ts(body: dict[str, Any]) -> int:
         raise RequestError("ts must be epoch milliseconds") from None
 
 
+# Envelopes already checked, by their raw string values: one feed sends millions of updates with the same ids.
+_ENVELOPES: dict[tuple[str, str, str, str, str], Partition] = {}
+_MAX_ENVELOPES = 4096
+
+
 def update_partition(body: dict[str, Any]) -> tuple[Partition, str, str, int]:
     """Check the envelope of a user_segment_update; return (partition, session_id, datamart_id, ts)."""
+    key = (body.get("feed_id"), body.get("segment_id"), body.get("session_id"), body.get("datamart_id"),
+           body.get("operation"))
+    # Only all-string keys are cached: 1 == True == 1.0 as dict keys, and a bool is never a valid id.
+    if all(type(v) is str for v in key):
+        partition = _ENVELOPES.get(key)  # type: ignore[arg-type]
+        if partition is None:
+            partition = _check_envelope(body)
+            if len(_ENVELOPES) >= _MAX_ENVELOPES:
+                _ENVELOPES.clear()
+            _ENVELOPES[key] = partition  # type: ignore[index]
+        return partition, key[2], key[3], _ts(body)  # type: ignore[return-value]
+    return _check_envelope(body), str(body["session_id"]), str(body["datamart_id"]), _ts(body)
+
+
+def _check_envelope(body: dict[str, Any]) -> Partition:
     problems = []
     for name in ("feed_id", "segment_id", "session_id", "datamart_id"):
         try:
@@ -36,9 +56,8 @@ def update_partition(body: dict[str, Any]) -> tuple[Partition, str, str, int]:
         problems.append("operation must be UPSERT or DELETE")
     if problems:
         raise RequestError("; ".join(problems))
-    ts = _ts(body)
-    return Partition(str(body["feed_id"]), str(body["segment_id"]), op), str(body["session_id"]), \
-        str(body["datamart_id"]), ts
+    _ts(body)  # a bad ts is reported before anything is cached
+    return Partition(str(body["feed_id"]), str(body["segment_id"]), op)
 
 
 async def ingest_update(staging: Staging, ctx: FeedContext, body: dict[str, Any], retry_delay_ms: int) -> dict:

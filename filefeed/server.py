@@ -60,7 +60,10 @@ def _answers(host: str, port: int) -> bool:
 def run(config: uvicorn.Config) -> None:
     """Serve `config` in the foreground: one process when config.workers <= 1, else supervised reuse-port workers."""
     if config.workers <= 1:
-        uvicorn.Server(config).run()
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:  # the app or its lifespan failed to start: say so in the exit code, as uvicorn.run
+            sys.exit(STARTUP_FAILURE)
         return
     if not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover - not Linux: uvicorn's shared socket
         multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()

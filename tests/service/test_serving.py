@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
+
 from tests.conftest import ROOT, free_port, wait_for
 
 LISTEN, ESTABLISHED = "0A", "01"
@@ -123,3 +125,24 @@ def test_a_second_server_on_the_same_port_is_refused(filefeed_factory, tmp_path:
     assert c.getresponse().status == 200  # the first server is untouched
     c.close()
 
+
+
+def test_one_worker_that_fails_to_start_exits_with_uvicorns_startup_failure(monkeypatch) -> None:
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    from filefeed import server
+
+    class NeverStarts:
+        started = False
+
+        def __init__(self, config: uvicorn.Config) -> None:
+            self.config = config
+
+        def run(self) -> None:  # what uvicorn does when the lifespan startup fails: log, return, started False
+            return None
+
+    monkeypatch.setattr(server.uvicorn, "Server", NeverStarts)
+    with pytest.raises(SystemExit) as e:
+        server.run(uvicorn.Config("filefeed.app:create_app", factory=True, workers=1))
+    assert e.value.code == STARTUP_FAILURE

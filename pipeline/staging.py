@@ -75,7 +75,6 @@ __all__ = [
 log = logging.getLogger("filefeed.staging")
 
 MiB = 1024 * 1024
-PARSE_THREADS = False
 SUFFIX = ".jnl"
 OPEN, SEALED = "open", "sealed"
 INLINE_MAX_HOPS = 4
@@ -347,13 +346,7 @@ class Staging:
         entries, self._inline_pending = self._inline_pending, []
         with self._io_lock:
             self._segments_created = 0
-            try:
-                self._commit(entries)
-            except BaseException as e:  # never leave a caller waiting forever
-                log.exception("staging commit failed")
-                for en in entries:
-                    if en.result is None and en.error is None:
-                        en.error = e
+            self._commit_guarded(entries)
             created = self._segments_created
         _resolve_async(entries)
         if created:  # a new open segment: the committer thread must time its seal (it may be waiting with no timeout)
@@ -451,25 +444,18 @@ class Staging:
     def _run_committer(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._requests and not self._stopping:
+                if not self._pending and not self._requests and not self._stopping:
                     wait = self._seconds_to_next_seal()
-                    if wait is not None and wait <= 0:
-                        break
-                    if wait is not None and self._has_seal_requests():
-                        break
-                    self._cond.wait(min(wait, SEAL_REQUEST_POLL_SECONDS) if wait is not None else None)
+                    if wait is None:
+                        self._cond.wait()  # nothing open: a new segment or an append notifies
+                    elif wait > 0:  # while segments are open, wake often enough to serve seal requests
+                        self._cond.wait(min(wait, SEAL_REQUEST_POLL_SECONDS))
                 entries, self._pending = self._pending, []
                 requests, self._requests = self._requests, []
                 stopping = self._stopping
             with self._io_lock:
                 if entries:
-                    try:
-                        self._commit(entries)
-                    except BaseException as e:  # never leave a caller waiting forever
-                        log.exception("staging commit failed")
-                        for en in entries:
-                            if en.result is None and en.error is None:
-                                en.error = e
+                    self._commit_guarded(entries)
                 try:
                     self._seal_due()
                     self._seal_requested()
@@ -512,6 +498,16 @@ class Staging:
                 loop.call_soon_threadsafe(_resolve_async, group)  # one wake-up per loop per commit
             except RuntimeError:
                 pass  # loop closed: nobody is waiting any more
+
+    def _commit_guarded(self, entries: list[_Entry]) -> None:
+        """_commit, and on any failure every entry not yet answered gets the error: never a caller waiting forever."""
+        try:
+            self._commit(entries)
+        except BaseException as e:
+            log.exception("staging commit failed")
+            for en in entries:
+                if en.result is None and en.error is None:
+                    en.error = e
 
     def _commit(self, entries: list[_Entry]) -> None:
         by_part: dict[Partition, list[_Entry]] = {}
@@ -692,13 +688,6 @@ class Staging:
     # looks every SEAL_REQUEST_POLL_SECONDS while it has open segments; the asker removes its file when done.
     def _seal_request_dir(self, writer_id: str) -> Path:
         return self.root / "run" / "seal-requests" / writer_id
-
-    def _has_seal_requests(self) -> bool:
-        try:
-            with os.scandir(self._seal_request_dir(self.writer_id)) as it:
-                return any(True for _ in it)
-        except FileNotFoundError:
-            return False
 
     def _seal_requested(self) -> None:
         folder = self._seal_request_dir(self.writer_id)
@@ -1346,6 +1335,9 @@ _CONVERT_OPTIONS = pacsv.ConvertOptions(
     quoted_strings_can_be_null=False,
     check_utf8=True,
 )
+# Rolls parse the journal on one thread: on 2 cores, Arrow's parse threads only competed with the compressors
+# (bench/rollover.py: every case faster single-threaded).
+PARSE_THREADS = False
 # Small parse blocks keep each thread's work in cache: measured 6.5-7 M rows/s at 512 KiB vs 4.5-5 M at 1-4 MiB.
 _BLOCK_BYTES = 512 * 1024
 

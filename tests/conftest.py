@@ -88,6 +88,19 @@ class FilefeedServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Wait until /v1/status answers 200; fail at once, with the log, if the server exited."""
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"filefeed serve exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                return httpx.get(f"{self.url}/v1/status", timeout=1, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout, what="filefeed serve to answer /v1/status")
+
 
 def start_filefeed(tmp: Path, *, feeds: dict[str, dict] | None = None, env: dict[str, str] | None = None,
                    workers: int = 1, staging: Path | None = None) -> FilefeedServer:
@@ -104,16 +117,7 @@ def start_filefeed(tmp: Path, *, feeds: dict[str, dict] | None = None, env: dict
         proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port", str(port),
                                  "--workers", str(workers)], env=full_env, stdout=f, stderr=f, cwd=str(ROOT))
     srv = FilefeedServer(f"http://127.0.0.1:{port}", staging, proc, log, full_env)
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"filefeed serve exited with {proc.returncode}:\n{srv.log_text()[-3000:]}")
-        try:
-            return httpx.get(f"{srv.url}/v1/status", timeout=1, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, 30, what="filefeed serve to answer /v1/status")
+    srv.wait_ready(30)
     return srv
 
 

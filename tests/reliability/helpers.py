@@ -117,18 +117,8 @@ class Group:
                                     cwd=str(REPO), start_new_session=True)
         srv = FilefeedServer(f"http://127.0.0.1:{port}", staging, proc, log, full_env)
         self.started.append(srv)
-        if not expect_ready:
-            return srv
-
-        def ready():
-            if proc.poll() is not None:
-                raise AssertionError(f"filefeed serve exited with {proc.returncode}:\n{srv.log_text()[-3000:]}")
-            try:
-                return httpx.get(f"{srv.url}/v1/status", timeout=1, trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout, what="filefeed serve to answer /v1/status")
+        if expect_ready:
+            srv.wait_ready(timeout)
         return srv
 
     @staticmethod

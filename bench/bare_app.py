@@ -1,7 +1,19 @@
-"""The baseline of bench/ingest.py: the same HTTP stack (uvicorn + httptools + uvloop + Starlette) with an endpoint
-that reads and parses the body with orjson and answers a constant, doing nothing durable."""
+"""The baselines of bench/ingest.py, served exactly like filefeed (bench/serve_bare.py).
+
+- `create_app`: the same HTTP stack (uvicorn + httptools + uvloop + Starlette) with an endpoint that reads and parses
+  the body with orjson and answers a constant, doing nothing durable.
+- `create_durable_app`: the same endpoint, plus the least that "fsynced before the answer" costs: every request
+  waits for a group commit that appends its share of bytes to one file and fsyncs it, grouped the way filefeed's
+  staging groups them (one write + fsync for all requests that arrive while the loop keeps finding new ones, at most
+  INLINE_MAX_HOPS loop iterations). No identifiers, no frames, no dedup, no per-row answer: it is the ceiling of
+  any durable endpoint on this stack and disk, and the gap between it and filefeed is filefeed's own work.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
 
 import orjson
 from starlette.applications import Starlette
@@ -9,7 +21,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from filefeed import server
+
 ANSWER = orjson.dumps({"status": "ok", "data": [], "stats": []})
+ROW_BYTES = 150  # about one staged row of the bench's requests
 
 
 async def update(request: Request) -> Response:
@@ -24,5 +39,55 @@ async def status(request: Request) -> Response:
 
 
 def create_app() -> Starlette:
+    server.settle_gc()  # as filefeed's workers do once started
     return Starlette(routes=[Route("/v1/user_segment_update", update, methods=["POST"]),
+                             Route("/v1/status", status, methods=["GET"])])
+
+
+class _GroupCommit:
+    """One append-only file per worker; waiters of one group share one write and one fsync."""
+
+    def __init__(self) -> None:
+        folder = os.environ.get("BENCH_DURABLE_DIR") or tempfile.gettempdir()
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"durable-baseline-{os.getpid()}.bin")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        self.pending: list[asyncio.Future[None]] = []
+        from pipeline.staging import INLINE_MAX_HOPS  # here, so the plain baseline never loads pyarrow
+
+        self.max_hops = INLINE_MAX_HOPS
+
+    def wait(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.pending.append(fut)
+        if len(self.pending) == 1:
+            loop.call_soon(self.commit)
+        return fut
+
+    def commit(self, seen: int = 0, hops: int = 0) -> None:
+        n = len(self.pending)
+        if n > seen and hops < self.max_hops:
+            asyncio.get_running_loop().call_soon(self.commit, n, hops + 1)
+            return
+        waiters, self.pending = self.pending, []
+        os.write(self.fd, b"x" * (2 * ROW_BYTES * len(waiters)))
+        os.fsync(self.fd)
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+
+def create_durable_app() -> Starlette:
+    group = _GroupCommit()
+    server.settle_gc()
+
+    async def durable_update(request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        if not isinstance(body, dict):
+            return Response(b'{"status":"error"}', 500, media_type="application/json")
+        await group.wait()
+        return Response(ANSWER, media_type="application/json")
+
+    return Starlette(routes=[Route("/v1/user_segment_update", durable_update, methods=["POST"]),
                              Route("/v1/status", status, methods=["GET"])])

@@ -3,8 +3,12 @@ answer) beside a bare endpoint of the same HTTP stack, loaded by wrk from the sa
 
     python bench/ingest.py [--seconds 30] [--workers 2] [--connections 64] [--soak 0]
 
-Prints requests/s, p50/p99 latency for both, the ratio, server RSS at start and end, and checks that the staged
+Prints requests/s, p50/p99 latency, the ratio filefeed/bare, server RSS at start and end, and checks that the staged
 rows equal the acknowledged ones. `--soak 300` adds a 5-minute run reporting RSS every 30 s.
+
+A third server, `durable`, is the bare endpoint plus a group-committed write + fsync before each answer and nothing
+else (bench/bare_app.py): the most any durable endpoint can do on this stack and disk. Its ratio to bare is the
+ceiling of filefeed's; filefeed/durable is the share left after filefeed's own work.
 """
 
 from __future__ import annotations
@@ -138,9 +142,11 @@ def main() -> None:
                      "max_buffer_age_seconds = 86400\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
     env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
-                "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN"})
+                "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN",
+                "BENCH_DURABLE_DIR": str(tmp / "durable")})
     servers = {
         "bare": [sys.executable, "-m", "bench.serve_bare", "bench.bare_app:create_app"],
+        "durable": [sys.executable, "-m", "bench.serve_bare", "bench.bare_app:create_durable_app"],
         "filefeed": [sys.executable, "-m", "filefeed", "serve"],
     }
     procs: dict[str, tuple[subprocess.Popen, str]] = {}
@@ -191,10 +197,14 @@ def main() -> None:
             print(f"  round {i} {name:9s} {r['rps']:9,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
                   f"  errors {r['errors'] + r['status_errors']}")
         ratios.append(rnd["filefeed"]["rps"] / rnd["bare"]["rps"])
-        print(f"  round {i} ratio filefeed/bare: {ratios[-1]:.2f}")
+        ceiling = rnd["durable"]["rps"] / rnd["bare"]["rps"]
+        print(f"  round {i} ratio filefeed/bare: {ratios[-1]:.2f}   (durable/bare {ceiling:.2f}, "
+              f"filefeed/durable {rnd['filefeed']['rps'] / rnd['durable']['rps']:.2f})")
     total = {n: sum(r[n]["requests"] for r in rounds) / (args.seconds * len(rounds)) for n in servers}
     print(f"  overall   bare {total['bare']:,.0f} req/s, filefeed {total['filefeed']:,.0f} req/s, ratio "
           f"{total['filefeed'] / total['bare']:.2f}  (targets: filefeed >= 6,000 req/s and >= 0.60 of bare)")
+    print(f"            durable baseline {total['durable']:,.0f} req/s: ceiling {total['durable'] / total['bare']:.2f} "
+          f"of bare; filefeed reaches {total['filefeed'] / total['durable']:.2f} of it")
     for name in servers:
         print(f"  RSS {name}: {rss_start[name]:.0f} MB -> {rss_end[name]:.0f} MB"
               + (f"; during the soak, every 30 s: {soak}" if soak and name == "filefeed" else ""))

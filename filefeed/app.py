@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import platform
@@ -20,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from config.settings import ServiceSettings, load_settings
-from filefeed import __version__, lifecycle, logs, metrics
+from filefeed import __version__, lifecycle, logs, metrics, server
 from filefeed.context import ContextSource, FeedContext, GatewayError, NotFound, context_source
 from filefeed.protocol import (
     MAX_BODY_BYTES,
@@ -86,7 +85,7 @@ def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> C
     """Wrap a feed POST handler with the SDK's filters: body parsing, empty-body 500, exceptions as 500 error."""
 
     async def endpoint(request: Request) -> Response:
-        plugin: Plugin = request.app.state.plugin
+        plugin: Plugin = request.scope["app"].state.plugin
         started = time.perf_counter()
         body: Any = None
         try:
@@ -104,17 +103,22 @@ def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> C
             log.exception("Something bad happened on %s", route, extra={"route": route})
             response = error_response(f"internal error ({type(e).__name__})", creation=creation)
         elapsed = time.perf_counter() - started
-        metrics.observe_request(route, response.status_code, elapsed)
-        if isinstance(body, dict):
-            ctx_ = body.get("context") if isinstance(body.get("context"), dict) else {}
-            logs.log_request(log, route, response.status_code, elapsed,
-                             feed_id=body.get("feed_id") or ctx_.get("feed_id"),
-                             segment_id=body.get("segment_id") or ctx_.get("segment_id"))
-        else:
-            logs.log_request(log, route, response.status_code, elapsed)
+        code = response.status_code
+        metrics.observe_request(route, code, elapsed)
+        if log.isEnabledFor(logs.request_level(code)):
+            _log_request(route, code, elapsed, body)
         return response
 
     return endpoint
+
+
+def _log_request(route: str, code: int, elapsed: float, body: Any) -> None:
+    if isinstance(body, dict):
+        ctx_ = body.get("context") if isinstance(body.get("context"), dict) else {}
+        logs.log_request(log, route, code, elapsed, feed_id=body.get("feed_id") or ctx_.get("feed_id"),
+                         segment_id=body.get("segment_id") or ctx_.get("segment_id"))
+    else:
+        logs.log_request(log, route, code, elapsed)
 
 
 def _bad_request(route: str, message: str, creation: bool) -> Response:
@@ -328,10 +332,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
             asyncio.create_task(logs.follow_level(settings.staging_dir), name="log-level"),
             asyncio.create_task(metrics.run_flusher(), name="metrics-flush"),
         ]
-        # Everything loaded so far (pyarrow, boto3, ... hundreds of thousands of objects) lives as long as the worker:
-        # keep it out of the cyclic GC's full collections, which otherwise stall a busy worker for tens of ms.
-        gc.collect()
-        gc.freeze()
+        server.settle_gc()
         log.info("filefeed %s ready (%s mode, staging %s, writer %s)", __version__,
                  "embedded" if settings.embedded else "gateway", settings.staging_dir, plugin.staging.writer_id)
         try:

@@ -140,13 +140,18 @@ async def follow_level(staging_dir: Path, interval: float = 0.5) -> None:
         await asyncio.sleep(interval)
 
 
+def request_level(code: int) -> int:
+    """The level of an answered request's line: DEBUG when it went well, WARNING for 5xx, INFO for other 4xx."""
+    return logging.DEBUG if code < 400 or code in (429, 503) else logging.WARNING if code >= 500 else logging.INFO
+
+
 def log_request(logger: logging.Logger, route: str, code: int, seconds: float, *, feed_id: Any = None,
                 segment_id: Any = None, outcome: str | None = None) -> None:
-    """The line of one answered feed request: DEBUG when it went well, WARNING for 5xx, INFO for other 4xx.
+    """The line of one answered feed request, at `request_level(code)`.
 
     Cheap when the level filters it out (one isEnabledFor), so it can sit on the hot path.
     """
-    level = logging.DEBUG if code < 400 or code in (429, 503) else logging.WARNING if code >= 500 else logging.INFO
+    level = request_level(code)
     if not logger.isEnabledFor(level):
         return
     extra: dict[str, Any] = {"route": route, "code": code, "ms": round(seconds * 1000, 2),

@@ -105,12 +105,13 @@ def _child(metric: Any, *labels: str) -> Any:
 
 
 def _id_type_label(value: Any) -> str:
+    if type(value) is str and value in _id_types:  # the common case: a type already seen (and so already checked)
+        return value
     if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
         return "invalid"
-    if value not in _id_types:
-        if len(_id_types) >= _MAX_ID_TYPES:
-            return "other"
-        _id_types.add(value)
+    if len(_id_types) >= _MAX_ID_TYPES:
+        return "other"
+    _id_types.add(value)
     return value
 
 

@@ -69,6 +69,10 @@ def missing_body_response() -> Response:
 
 def handler_response(route: str, result: dict[str, Any]) -> Response:
     """Map a handler result to its HTTP code; omit None fields and empty messages; set the delay header."""
+    if (route == "user_segment_update" and result.get("status") == "ok" and len(result) == 3
+            and result.get("data") is not None and result.get("stats") is not None):
+        # the hot path's answer {"status": "ok", "data": [...], "stats": [...]}: nothing to omit, no header
+        return Response(orjson.dumps(result), media_type=JSON)
     status = result.get("status")
     code = STATUS_CODES[route].get(status, 500) if isinstance(status, str) else 500
     body = {k: v for k, v in result.items() if v is not None and not (k == "message" and v == "")}

@@ -39,15 +39,33 @@ def hash_email(email: str) -> str:
 
 def _clean(value: object) -> str | None:
     """An identifier value as a string fit for a TSV journal line, or None when it cannot be one."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if type(value) is str:
+        s = value
+    elif isinstance(value, (str, int)) and not isinstance(value, bool):
+        s = str(value)
+    else:
         return None
-    s = str(value)
-    if not s or len(s) > MAX_VALUE_LENGTH or _BAD_CHARS.search(s):
+    if not s or len(s) > MAX_VALUE_LENGTH:
         return None
-    return s
+    # For ASCII text, isprintable() is exactly "no control character": the regex only runs on other text.
+    if s.isascii() and s.isprintable():
+        return s
+    return None if _BAD_CHARS.search(s) else s
+
+
+# The tags of an accepted identifier, shared by every stat of its type (they are only serialized, never changed).
+_PROCESSED_TAGS: dict[str, list[dict[str, str]]] = {}
+_MAX_SHARED_TAGS = 256
 
 
 def _stat(identifier: str, id_type: str, ok: bool, reason: str | None = None) -> dict:
+    if ok and reason is None:
+        tags = _PROCESSED_TAGS.get(id_type)
+        if tags is None:
+            tags = [{"key": "id_type", "value": id_type}]
+            if len(_PROCESSED_TAGS) < _MAX_SHARED_TAGS:
+                _PROCESSED_TAGS[id_type] = tags
+        return {"identifier": identifier, "sync_result": "PROCESSED", "tags": tags}
     tags = [{"key": "id_type", "value": id_type}]
     if reason:
         tags.append({"key": "reason", "value": reason})
@@ -73,100 +91,96 @@ class IdentifierRules:
         if not isinstance(identifiers, list):
             raise RequestError("user_identifiers must be a list")
         out = Extraction()
-        seen: set[tuple[str, str]] = set()
         user_point_id = ""
         for ident in identifiers:
             if isinstance(ident, dict) and ident.get("type") == "USER_POINT":
                 user_point_id = _clean(ident.get("user_point_id")) or ""
                 break
-
-        def add(id_type: str, value: str) -> None:
-            key = (id_type, value)
-            if key in seen:
-                return
-            seen.add(key)
-            out.rows.append((id_type, value, ts, session_id, datamart_id, user_point_id))
-            out.stats.append(_stat(value, id_type, True))
-
-        def reject(id_type: str, raw: object, reason: str) -> None:
-            out.rejected += 1
-            shown = raw if isinstance(raw, str) and len(raw) <= 128 and not _BAD_CHARS.search(raw) else "<invalid>"
-            out.stats.append(_stat(shown, id_type, False, reason))
-
+        rows, stats = out.rows, out.stats
+        seen: set[tuple[str, str]] = set()
         for ident in identifiers:
-            if not isinstance(ident, dict):
-                out.ignored += 1
-                continue
-            t = ident.get("type")
-            if t == "USER_EMAIL":
-                if not self.email:
-                    out.ignored += 1
+            for id_type, value, raw, reason in self._eligible(ident, out):
+                if value is None:
+                    out.rejected += 1
+                    shown = raw if isinstance(raw, str) and len(raw) <= 128 and not _BAD_CHARS.search(raw) else \
+                        "<invalid>"
+                    stats.append(_stat(shown, id_type, False, reason))
                     continue
-                h = ident.get("hash")
-                if h not in (None, ""):
-                    if isinstance(h, str) and _HEX_HASH.fullmatch(h):
-                        add("USER_EMAIL", h.lower())
-                    else:
-                        reject("USER_EMAIL", h, "malformed_hash")
+                key = (id_type, value)
+                if key in seen:
                     continue
-                email = ident.get("email")
-                if isinstance(email, str) and "@" in email and _clean(normalize_email(email)):
-                    add("USER_EMAIL", hash_email(email))
-                else:
-                    reject("USER_EMAIL", "<email>", "missing_or_malformed_email")
-            elif t == "USER_ACCOUNT":
-                if not self.account:
-                    out.ignored += 1
-                    continue
-                comp = ident.get("compartment_id")
-                comp_s = str(comp) if comp is not None else None
-                if None not in self.compartments and comp_s not in self.compartments:
-                    out.ignored += 1
-                    continue
-                v = _clean(ident.get("user_account_id"))
-                if v is None:
-                    reject("USER_ACCOUNT", ident.get("user_account_id"), "malformed_user_account_id")
-                else:
-                    add("USER_ACCOUNT", v)
-            elif t == "USER_DEVICE_POINT":
-                if not self.device:
-                    out.ignored += 1
-                    continue
-                techs = ident.get("technical_identifiers")
-                if not isinstance(techs, list):
-                    out.ignored += 1
-                    continue
-                for tech in techs:
-                    if not isinstance(tech, dict):
-                        continue
-                    tt = tech.get("type")
-                    if not isinstance(tt, str) or (None not in self.registries and tt not in self.registries):
-                        continue
-                    tt_clean = _clean(tt)
-                    v = _clean(tech.get("user_agent_id"))
-                    if v is None or tt_clean is None:
-                        reject(str(tt_clean or "USER_DEVICE_TECHNICAL_ID"), tech.get("user_agent_id"),
-                               "malformed_user_agent_id")
-                    else:
-                        add(tt_clean, v)
-            elif t == "USER_AGENT":
-                if not self.agent:
-                    out.ignored += 1
-                    continue
-                v = _clean(ident.get("vector_id"))
-                if v is None:
-                    reject("USER_AGENT", ident.get("vector_id"), "malformed_vector_id")
-                else:
-                    add("USER_AGENT", v)
-            elif t == "USER_POINT":
-                if not self.point:
-                    out.ignored += 1
-                    continue
-                v = _clean(ident.get("user_point_id"))
-                if v is None:
-                    reject("USER_POINT", ident.get("user_point_id"), "malformed_user_point_id")
-                else:
-                    add("USER_POINT", v)
-            else:
-                out.ignored += 1  # unknown identifier types are ignored, never an error
+                seen.add(key)
+                rows.append((id_type, value, ts, session_id, datamart_id, user_point_id))
+                stats.append(_stat(value, id_type, True))
         return out
+
+    def _eligible(self, ident: object, out: Extraction) -> tuple[tuple[str, str | None, object, str | None], ...]:
+        """(identifier type, value, raw, reason) per identifier this one yields: value None = rejected for reason.
+
+        Counts what is ignored (unknown or unselected types) on `out`.
+        """
+        if not isinstance(ident, dict):
+            out.ignored += 1
+            return ()
+        t = ident.get("type")
+        if t == "USER_POINT":
+            if not self.point:
+                out.ignored += 1
+                return ()
+            raw = ident.get("user_point_id")
+            return (("USER_POINT", _clean(raw), raw, "malformed_user_point_id"),)
+        if t == "USER_EMAIL":
+            if not self.email:
+                out.ignored += 1
+                return ()
+            h = ident.get("hash")
+            if h not in (None, ""):
+                if isinstance(h, str) and _HEX_HASH.fullmatch(h):
+                    return (("USER_EMAIL", h.lower(), h, None),)
+                return (("USER_EMAIL", None, h, "malformed_hash"),)
+            email = ident.get("email")
+            if isinstance(email, str) and "@" in email and _clean(normalize_email(email)):
+                return (("USER_EMAIL", hash_email(email), None, None),)
+            return (("USER_EMAIL", None, "<email>", "missing_or_malformed_email"),)
+        if t == "USER_ACCOUNT":
+            if not self.account:
+                out.ignored += 1
+                return ()
+            comp = ident.get("compartment_id")
+            comp_s = str(comp) if comp is not None else None
+            if None not in self.compartments and comp_s not in self.compartments:
+                out.ignored += 1
+                return ()
+            raw = ident.get("user_account_id")
+            return (("USER_ACCOUNT", _clean(raw), raw, "malformed_user_account_id"),)
+        if t == "USER_DEVICE_POINT":
+            if not self.device:
+                out.ignored += 1
+                return ()
+            techs = ident.get("technical_identifiers")
+            if not isinstance(techs, list):
+                out.ignored += 1
+                return ()
+            found = []
+            for tech in techs:
+                if not isinstance(tech, dict):
+                    continue
+                tt = tech.get("type")
+                if not isinstance(tt, str) or (None not in self.registries and tt not in self.registries):
+                    continue
+                tt_clean = _clean(tt)
+                raw = tech.get("user_agent_id")
+                v = _clean(raw)
+                if v is None or tt_clean is None:
+                    found.append((str(tt_clean or "USER_DEVICE_TECHNICAL_ID"), None, raw, "malformed_user_agent_id"))
+                else:
+                    found.append((tt_clean, v, raw, None))
+            return tuple(found)
+        if t == "USER_AGENT":
+            if not self.agent:
+                out.ignored += 1
+                return ()
+            raw = ident.get("vector_id")
+            return (("USER_AGENT", _clean(raw), raw, "malformed_vector_id"),)
+        out.ignored += 1  # unknown identifier types are ignored, never an error
+        return ()

@@ -69,27 +69,29 @@ async def ingest_update(staging: Staging, ctx: FeedContext, body: dict[str, Any]
         return {"status": "no_eligible_identifier", "message": "no eligible identifier for this feed",
                 "stats": ex.stats or None}
     try:
-        res = await staging.append(partition, ex.rows)
+        res = await staging.submit(partition, ex.rows)
     except StagingFull as e:
         delay = max(int(getattr(e, "retry_after_ms", 0) or 0), retry_delay_ms)
         return {"status": "retry", "message": f"staging is full: {e}", "next_msg_delay_in_ms": delay}
     op = partition.operation
+    ref = res.segment
+    segment_id = partition.segment_id
     items = [
         {
             "type": "BATCH_DELIVERY",
             "content": {
-                "ref": res.segment,
-                "segment_id": partition.segment_id,
+                "ref": ref,
+                "segment_id": segment_id,
                 "operation": op,
-                "identifier_type": r[0],
-                "identifier": r[1],
-                "ts": r[2],
-                "session_id": r[3],
-                "datamart_id": r[4],
-                "user_point_id": r[5],
+                "identifier_type": t,
+                "identifier": v,
+                "ts": ts_,
+                "session_id": sid,
+                "datamart_id": dm,
+                "user_point_id": up,
             },
             "grouping_key": op,
         }
-        for r in ex.rows
+        for t, v, ts_, sid, dm, up in ex.rows
     ]
     return {"status": "ok", "data": items, "stats": ex.stats}

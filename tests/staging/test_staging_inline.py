@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline.staging import Staging, verify_segment
+from pipeline.staging import Staging, StagingClosed, StagingFull, verify_segment
 from tests.conftest import wait_for
 from tests.staging.helpers import P2, P, read_all, row, rows
 
@@ -114,3 +114,66 @@ def test_continuous_inline_appends_keep_being_sealed_by_age(make_staging) -> Non
     assert len(refs) > 5  # many age seals happened while appending
     wait_for(lambda: all(st.segment_state(P, r) == "sealed" for r in refs), timeout=5,
              what="every segment sealed by age after the appends stop")
+
+
+def test_submit_refuses_before_queuing_and_its_future_is_the_commit(make_staging) -> None:
+    full = make_staging(inline_commit=True, min_free_bytes=1 << 62, root=make_staging().root)
+    st = make_staging(inline_commit=True)
+
+    async def main() -> None:
+        with pytest.raises(StagingFull):
+            full.submit(P, rows(0, 1))  # raised at the call, not from the future
+        assert full._inline_pending == []
+        fut = st.submit(P, rows(0, 2))
+        assert not fut.done()  # nothing is answered before its commit
+        res = await fut
+        assert (res.accepted, res.duplicates) == (2, 0)
+        assert read_all([st.segment_path(P, res.segment, "open")]) == rows(0, 2)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("inline_commit", [True, False], ids=["inline", "thread"])
+def test_an_unexpected_error_in_a_commit_is_every_callers_error(make_staging, monkeypatch: pytest.MonkeyPatch,
+                                                                 inline_commit: bool) -> None:
+    """Not only OSError: whatever stops a commit after the dedup step, no caller of it gets an acknowledgement."""
+    st = make_staging(inline_commit=inline_commit)
+    import pipeline.staging as staging_mod
+
+    real_write_all = staging_mod.write_all
+
+    def broken_write_all(fd: int, data: bytes) -> None:
+        raise RuntimeError("injected")
+
+    async def main() -> list[object]:
+        monkeypatch.setattr(staging_mod, "write_all", broken_write_all)
+        first = await asyncio.gather(*(st.append(P, rows(i, 1)) for i in range(5)), return_exceptions=True)
+        monkeypatch.setattr(staging_mod, "write_all", real_write_all)
+        after = await st.append(P, rows(0, 5))  # nothing of the failed commit was remembered as a duplicate
+        assert (after.accepted, after.duplicates) == (5, 0)
+        return first
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in results), results
+    st.seal_all()
+    assert read_all(st.sealed_segments(P)) == rows(0, 5)
+
+
+def test_a_staging_refuses_appends_in_a_forked_child(make_staging) -> None:
+    st = make_staging(inline_commit=True)
+    st.append_sync(P, rows(0, 1))
+    pid = os.fork()
+    if pid == 0:  # the child: every append must be refused, nothing written
+        code = 1
+        try:
+            st.append_sync(P, rows(1, 1))
+        except StagingClosed:
+            code = 0
+        except BaseException:
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert st.append_sync(P, rows(2, 1)).accepted == 1  # the parent goes on
+    st.seal_all()
+    assert read_all(st.sealed_segments(P)) == [row(0), row(2)]

@@ -94,3 +94,32 @@ def test_values_that_cannot_be_staged_are_rejected(bad):
 def test_identifiers_must_be_a_list():
     with pytest.raises(RequestError):
         extract({"type": "USER_POINT"})
+
+
+@pytest.mark.parametrize("value", ["plain-id_1", "a b", "~!@#$%^&*()", "é-accent", "id\u2028sep", "\u00a0nbsp", "\x7f",
+                                   "a\x1fb", "é\x00", "ok\x7f", 12345, "x" * 1024, "x" * 1025, "\ud800"])
+def test_a_value_is_kept_exactly_when_it_has_no_control_character(value):
+    """The ASCII fast path (isprintable) and the regex agree: only C0 controls and DEL are refused, length 1-1024."""
+    import re
+
+    s = str(value)
+    expected = s if 0 < len(s) <= 1024 and not re.search(r"[\x00-\x1f\x7f]", s) else None
+    ex = extract([{"type": "USER_ACCOUNT", "user_account_id": value, "compartment_id": "7"}])
+    assert [r[1] for r in ex.rows] == ([] if expected is None else [expected])
+    assert ex.rejected == (expected is None)
+
+
+def test_accepted_stats_of_one_type_serialize_alike_and_rejections_carry_their_reason():
+    import orjson
+
+    ex = extract([{"type": "USER_POINT", "user_point_id": "up-1"}, {"type": "USER_EMAIL", "hash": H},
+                  {"type": "USER_EMAIL", "hash": "zz"}])
+    again = extract([{"type": "USER_EMAIL", "hash": H.upper()}])
+    assert orjson.loads(orjson.dumps(ex.stats)) == [
+        {"identifier": "up-1", "sync_result": "PROCESSED", "tags": [{"key": "id_type", "value": "USER_POINT"}]},
+        {"identifier": H, "sync_result": "PROCESSED", "tags": [{"key": "id_type", "value": "USER_EMAIL"}]},
+        {"identifier": "zz", "sync_result": "REJECTED",
+         "tags": [{"key": "id_type", "value": "USER_EMAIL"}, {"key": "reason", "value": "malformed_hash"}]},
+    ]
+    assert again.stats == [ex.stats[1]]
+    assert [r[5] for r in ex.rows] == ["up-1", "up-1"]  # every row carries the request's user point

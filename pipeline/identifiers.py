@@ -72,20 +72,25 @@ def _stat(identifier: str, id_type: str, ok: bool, reason: str | None = None) ->
     return {"identifier": identifier, "sync_result": "PROCESSED" if ok else "REJECTED", "tags": tags}
 
 
+# identifier type -> (the field holding its value, the reject reason) for the types that are one plain value
+_PLAIN_FIELDS = {
+    "USER_POINT": ("user_point_id", "malformed_user_point_id"),
+    "USER_AGENT": ("vector_id", "malformed_vector_id"),
+}
+# request identifier types per selectable type (device ids arrive as USER_DEVICE_POINT identifiers)
+_REQUEST_TYPE = {"USER_EMAIL": "USER_EMAIL", "USER_ACCOUNT": "USER_ACCOUNT", "USER_POINT": "USER_POINT",
+                 "USER_AGENT": "USER_AGENT", "USER_DEVICE_TECHNICAL_ID": "USER_DEVICE_POINT"}
+
+
 class IdentifierRules:
     """Which identifiers of a request are eligible, compiled once per feed context."""
 
     def __init__(self, selectors: tuple[IdentifierSelector, ...]):
-        self.email = any(s.type == "USER_EMAIL" for s in selectors)
-        self.agent = any(s.type == "USER_AGENT" for s in selectors)
-        self.point = any(s.type == "USER_POINT" for s in selectors)
-        accounts = [s for s in selectors if s.type == "USER_ACCOUNT"]
-        self.account = bool(accounts)
-        # None in the set means "any compartment"
-        self.compartments = {s.qualifier for s in accounts}
-        devices = [s for s in selectors if s.type == "USER_DEVICE_TECHNICAL_ID"]
-        self.device = bool(devices)
-        self.registries = {s.qualifier for s in devices}
+        # the request identifier types this feed takes; any other type is ignored
+        self.selected = {_REQUEST_TYPE[s.type] for s in selectors if s.type in _REQUEST_TYPE}
+        # None in a set means "any compartment" / "any registry type"
+        self.compartments = {s.qualifier for s in selectors if s.type == "USER_ACCOUNT"}
+        self.registries = {s.qualifier for s in selectors if s.type == "USER_DEVICE_TECHNICAL_ID"}
 
     def extract(self, identifiers: object, ts: int, session_id: str, datamart_id: str) -> Extraction:
         if not isinstance(identifiers, list):
@@ -119,20 +124,15 @@ class IdentifierRules:
 
         Counts what is ignored (unknown or unselected types) on `out`.
         """
-        if not isinstance(ident, dict):
-            out.ignored += 1
+        t = ident.get("type") if isinstance(ident, dict) else None
+        if not isinstance(ident, dict) or not isinstance(t, str) or t not in self.selected:
+            out.ignored += 1  # unknown or unselected identifier types are ignored, never an error
             return ()
-        t = ident.get("type")
-        if t == "USER_POINT":
-            if not self.point:
-                out.ignored += 1
-                return ()
-            raw = ident.get("user_point_id")
-            return (("USER_POINT", _clean(raw), raw, "malformed_user_point_id"),)
+        plain = _PLAIN_FIELDS.get(t)
+        if plain is not None:
+            raw = ident.get(plain[0])
+            return ((t, _clean(raw), raw, plain[1]),)
         if t == "USER_EMAIL":
-            if not self.email:
-                out.ignored += 1
-                return ()
             h = ident.get("hash")
             if h not in (None, ""):
                 if isinstance(h, str) and _HEX_HASH.fullmatch(h):
@@ -143,9 +143,6 @@ class IdentifierRules:
                 return (("USER_EMAIL", hash_email(email), None, None),)
             return (("USER_EMAIL", None, "<email>", "missing_or_malformed_email"),)
         if t == "USER_ACCOUNT":
-            if not self.account:
-                out.ignored += 1
-                return ()
             comp = ident.get("compartment_id")
             comp_s = str(comp) if comp is not None else None
             if None not in self.compartments and comp_s not in self.compartments:
@@ -153,34 +150,23 @@ class IdentifierRules:
                 return ()
             raw = ident.get("user_account_id")
             return (("USER_ACCOUNT", _clean(raw), raw, "malformed_user_account_id"),)
-        if t == "USER_DEVICE_POINT":
-            if not self.device:
-                out.ignored += 1
-                return ()
-            techs = ident.get("technical_identifiers")
-            if not isinstance(techs, list):
-                out.ignored += 1
-                return ()
-            found = []
-            for tech in techs:
-                if not isinstance(tech, dict):
-                    continue
-                tt = tech.get("type")
-                if not isinstance(tt, str) or (None not in self.registries and tt not in self.registries):
-                    continue
-                tt_clean = _clean(tt)
-                raw = tech.get("user_agent_id")
-                v = _clean(raw)
-                if v is None or tt_clean is None:
-                    found.append((str(tt_clean or "USER_DEVICE_TECHNICAL_ID"), None, raw, "malformed_user_agent_id"))
-                else:
-                    found.append((tt_clean, v, raw, None))
-            return tuple(found)
-        if t == "USER_AGENT":
-            if not self.agent:
-                out.ignored += 1
-                return ()
-            raw = ident.get("vector_id")
-            return (("USER_AGENT", _clean(raw), raw, "malformed_vector_id"),)
-        out.ignored += 1  # unknown identifier types are ignored, never an error
-        return ()
+        # USER_DEVICE_POINT: its technical identifiers of the selected registry types
+        techs = ident.get("technical_identifiers")
+        if not isinstance(techs, list):
+            out.ignored += 1
+            return ()
+        found = []
+        for tech in techs:
+            if not isinstance(tech, dict):
+                continue
+            tt = tech.get("type")
+            if not isinstance(tt, str) or (None not in self.registries and tt not in self.registries):
+                continue
+            tt_clean = _clean(tt)
+            raw = tech.get("user_agent_id")
+            v = _clean(raw)
+            if v is None or tt_clean is None:
+                found.append((str(tt_clean or "USER_DEVICE_TECHNICAL_ID"), None, raw, "malformed_user_agent_id"))
+            else:
+                found.append((tt_clean, v, raw, None))
+        return tuple(found)

@@ -30,17 +30,19 @@ _MAX_ENVELOPES = 4096
 
 def update_partition(body: dict[str, Any]) -> tuple[Partition, str, str, int]:
     """Check the envelope of a user_segment_update; return (partition, session_id, datamart_id, ts)."""
-    key = (body.get("feed_id"), body.get("segment_id"), body.get("session_id"), body.get("datamart_id"),
-           body.get("operation"))
+    key = (feed_id, segment_id, session_id, datamart_id, operation) = (
+        body.get("feed_id"), body.get("segment_id"), body.get("session_id"), body.get("datamart_id"),
+        body.get("operation"))
     # Only all-string keys are cached: 1 == True == 1.0 as dict keys, and a bool is never a valid id.
-    if all(type(v) is str for v in key):
+    if (type(feed_id) is str and type(segment_id) is str and type(session_id) is str and type(datamart_id) is str
+            and type(operation) is str):
         partition = _ENVELOPES.get(key)  # type: ignore[arg-type]
         if partition is None:
             partition = _check_envelope(body)
             if len(_ENVELOPES) >= _MAX_ENVELOPES:
                 _ENVELOPES.clear()
             _ENVELOPES[key] = partition  # type: ignore[index]
-        return partition, key[2], key[3], _ts(body)  # type: ignore[return-value]
+        return partition, session_id, datamart_id, _ts(body)
     return _check_envelope(body), str(body["session_id"]), str(body["datamart_id"]), _ts(body)
 
 

@@ -155,7 +155,8 @@ def child_raw(master: Path, work: Path, fmt: str, compression: str, threaded: bo
         pq.write_table(table, path, compression=compression)
     elif threaded and compression == "gzip":
         with open(path, "wb") as f:
-            gz = igzip_threaded.open(f, "wb", compresslevel=GZIP_LEVEL, threads=GZIP_THREADS, block_size=GZIP_BLOCK_BYTES)
+            gz = igzip_threaded.open(f, "wb", compresslevel=GZIP_LEVEL, threads=GZIP_THREADS,
+                                     block_size=GZIP_BLOCK_BYTES)
             with gz, pcsv.CSVWriter(gz, table.schema) as writer:
                 writer.write_table(table)
     elif threaded:

@@ -497,7 +497,6 @@ class _CsvFileWriter(_WorkerFileWriter):
             self._file.digest.write(tail)
         result.append(self._file.commit(self.rows))
 
-
     def abort(self) -> None:
         if isinstance(self._compressor, _GzipStream):
             self._compressor.discard()
@@ -533,7 +532,6 @@ class _ParquetFileWriter(_WorkerFileWriter):
         self._row_groups.flush()
         self._writer.close()
         result.append(self._file.commit(self.rows))
-
 
     def abort(self) -> None:
         self._file.discard()

@@ -58,18 +58,18 @@ _PROCESSED_TAGS: dict[str, list[dict[str, str]]] = {}
 _MAX_SHARED_TAGS = 256
 
 
-def _stat(identifier: str, id_type: str, ok: bool, reason: str | None = None) -> dict:
-    if ok and reason is None:
-        tags = _PROCESSED_TAGS.get(id_type)
-        if tags is None:
-            tags = [{"key": "id_type", "value": id_type}]
-            if len(_PROCESSED_TAGS) < _MAX_SHARED_TAGS:
-                _PROCESSED_TAGS[id_type] = tags
-        return {"identifier": identifier, "sync_result": "PROCESSED", "tags": tags}
-    tags = [{"key": "id_type", "value": id_type}]
-    if reason:
-        tags.append({"key": "reason", "value": reason})
-    return {"identifier": identifier, "sync_result": "PROCESSED" if ok else "REJECTED", "tags": tags}
+def _accepted(identifier: str, id_type: str) -> dict:
+    tags = _PROCESSED_TAGS.get(id_type)
+    if tags is None:
+        tags = [{"key": "id_type", "value": id_type}]
+        if len(_PROCESSED_TAGS) < _MAX_SHARED_TAGS:
+            _PROCESSED_TAGS[id_type] = tags
+    return {"identifier": identifier, "sync_result": "PROCESSED", "tags": tags}
+
+
+def _rejected(identifier: str, id_type: str, reason: str) -> dict:
+    tags = [{"key": "id_type", "value": id_type}, {"key": "reason", "value": reason}]
+    return {"identifier": identifier, "sync_result": "REJECTED", "tags": tags}
 
 
 # identifier type -> (the field holding its value, the reject reason) for the types that are one plain value
@@ -109,14 +109,14 @@ class IdentifierRules:
                     out.rejected += 1
                     shown = raw if isinstance(raw, str) and len(raw) <= 128 and not _BAD_CHARS.search(raw) else \
                         "<invalid>"
-                    stats.append(_stat(shown, id_type, False, reason))
+                    stats.append(_rejected(shown, id_type, reason))  # type: ignore[arg-type]
                     continue
                 key = (id_type, value)
                 if key in seen:
                     continue
                 seen.add(key)
                 rows.append((id_type, value, ts, session_id, datamart_id, user_point_id))
-                stats.append(_stat(value, id_type, True))
+                stats.append(_accepted(value, id_type))
         return out
 
     def _eligible(self, ident: object, out: Extraction) -> tuple[tuple[str, str | None, object, str | None], ...]:

@@ -267,7 +267,6 @@ class Staging:
         self.min_free_bytes = min_free_bytes
         self.max_staged_bytes = max_staged_bytes
         self.root.mkdir(parents=True, exist_ok=True)
-        self._pid = os.getpid()
         self._generation = _fork_generation
 
         # Shared between callers and the committer thread, under _cond.
@@ -898,10 +897,10 @@ class Staging:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if os.getpid() == self._pid:
+        if self._generation == _fork_generation:  # a forked child has no threads to join
             self._committer.join()
         self._stop_housekeeping.set()
-        if self._housekeeper is not None and os.getpid() == self._pid:
+        if self._housekeeper is not None and self._generation == _fork_generation:
             self._housekeeper.join()
         self._closed = True
 
@@ -1306,7 +1305,8 @@ def _scan_frames(path: Path, read_size: int, *, count_rows: bool = True) -> Iter
             n = f.readinto(memoryview(nbuf)[carry:])
             if not n:
                 if carry:
-                    raise CorruptSegment(path, base + pos, check_frame(buf, pos, end).reason)  # type: ignore[union-attr]
+                    reason = check_frame(buf, pos, end).reason  # type: ignore[union-attr]
+                    raise CorruptSegment(path, base + pos, reason)
                 return
             base += pos
             buf, pos, end = nbuf, 0, carry + n
@@ -1352,13 +1352,9 @@ _TSV = {"delimiter": "\t", "quote_char": False, "double_quote": False, "escape_c
         "newlines_in_values": False, "ignore_empty_lines": False}
 _PARSE_OPTIONS = pacsv.ParseOptions(**_TSV)
 _FRAMED_PARSE_OPTIONS = pacsv.ParseOptions(**_TSV, invalid_row_handler=_skip_frame_header)
-_CONVERT_OPTIONS = pacsv.ConvertOptions(
-    column_types=STAGED_SCHEMA,
-    null_values=[],
-    strings_can_be_null=False,
-    quoted_strings_can_be_null=False,
-    check_utf8=True,
-)
+# Every value is text as staged: no nulls, checked UTF-8.
+_CONVERT = {"null_values": [], "strings_can_be_null": False, "quoted_strings_can_be_null": False, "check_utf8": True}
+_CONVERT_OPTIONS = pacsv.ConvertOptions(column_types=STAGED_SCHEMA, **_CONVERT)
 # Rolls parse the journal on one thread: on 2 cores, Arrow's parse threads only competed with the compressors
 # (bench/rollover.py: every case faster single-threaded).
 PARSE_THREADS = False
@@ -1372,14 +1368,7 @@ def _convert_options(schema: pa.Schema | None) -> pacsv.ConvertOptions:
     unknown = [name for name in schema.names if name not in STAGED_FIELDS]
     if unknown or not schema.names:
         raise ValueError(f"schema must name staged columns ({', '.join(STAGED_FIELDS)}), got {schema.names}")
-    return pacsv.ConvertOptions(
-        column_types=schema,
-        include_columns=schema.names,
-        null_values=[],
-        strings_can_be_null=False,
-        quoted_strings_can_be_null=False,
-        check_utf8=True,
-    )
+    return pacsv.ConvertOptions(column_types=schema, include_columns=schema.names, **_CONVERT)
 
 
 def _parse_regions(
@@ -1391,7 +1380,9 @@ def _parse_regions(
     try:
         table = pacsv.read_csv(
             pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(use_threads=PARSE_THREADS, block_size=_BLOCK_BYTES, column_names=list(STAGED_FIELDS)),
+            read_options=pacsv.ReadOptions(
+                use_threads=PARSE_THREADS, block_size=_BLOCK_BYTES, column_names=list(STAGED_FIELDS)
+            ),
             parse_options=_FRAMED_PARSE_OPTIONS,
             convert_options=convert,
         )

@@ -15,9 +15,11 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from config.problems import did_you_mean
+
 SCHEMES = ("file", "s3", "gs", "sftp")
 
-# Column sources a partner template can pick (design-notes.md, "columns").
+# Column sources a partner template can pick (README, "Feed properties": `columns`).
 COLUMN_SOURCES = (
     "segment_id",
     "operation",
@@ -343,9 +345,22 @@ def property_values(platform_properties: list[dict]) -> dict[str, Any]:
     return out
 
 
-def parse_feed_properties(raw: dict[str, Any]) -> FeedProperties:
-    """Validate raw property values; raise FeedConfigError listing every problem at once."""
+def unknown_properties(raw: dict[str, Any]) -> list[str]:
+    """One line per name in `raw` that is no feed property (a typo, or a property of another plugin version), with
+    the closest known name. Known names are the model's fields, whoever added them."""
+    known = FeedProperties.model_fields
+    return [f"{name}: unknown property{did_you_mean(name, known)}" for name in sorted(raw) if name not in known]
+
+
+def parse_feed_properties(raw: dict[str, Any], *, strict: bool = False) -> FeedProperties:
+    """Validate raw property values; raise FeedConfigError listing every problem at once. `strict`: an unknown
+    property is one of them (a file the operator typed); else it is ignored (the platform may send properties of
+    other plugin versions: callers warn with `unknown_properties`)."""
+    problems = unknown_properties(raw) if strict else []
     try:
-        return FeedProperties.model_validate(raw)
+        props = FeedProperties.model_validate(raw)
     except ValidationError as e:
-        raise FeedConfigError(_format_errors(e)) from None
+        raise FeedConfigError(problems + _format_errors(e)) from None
+    if problems:
+        raise FeedConfigError(problems)
+    return props

@@ -1,13 +1,28 @@
-"""Service settings: environment variables (and an optional TOML file), validated once at start-up."""
+"""Service settings: environment variables (and an optional TOML file), validated once at start-up.
+
+The TOML file named by FILEFEED_CONFIG uses the environment variables' own names as keys
+(`FILEFEED_STAGING_DIR = "/data"`, `PLUGIN_PORT = 8080`); a variable set in the environment wins over the file. A
+missing file, a TOML syntax error or an unknown key is an error, reported with every other problem.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from config.problems import ConfigFileError, did_you_mean, read_toml
+
+CONFIG_ENV = "FILEFEED_CONFIG"
+# Level names of the SDK (winston) and Python's "warning", to Python levels.
+LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO,
+              "http": logging.INFO, "verbose": logging.DEBUG, "debug": logging.DEBUG, "silly": logging.DEBUG}
 
 
 class SettingsError(ValueError):
@@ -56,6 +71,14 @@ class ServiceSettings(BaseSettings):
     batch_wait_seconds: float = Field(default=10.0, gt=0, description="how long batch_update waits for a lease")
     sftp_known_hosts: Path | None = None
 
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        if v.strip().lower() not in LOG_LEVELS:
+            raise ValueError(f"unknown level{did_you_mean(v.strip().lower(), LOG_LEVELS)}; use one of "
+                             + ", ".join(n.upper() for n in LOG_LEVELS))
+        return v.strip().upper()
+
     @model_validator(mode="after")
     def _mode(self) -> ServiceSettings:
         if self.feeds is None and not (self.plugin_worker_id and self.plugin_authentication_token):
@@ -82,21 +105,98 @@ class ServiceSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_path = os.environ.get("FILEFEED_CONFIG")
-        if toml_path:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
-        return tuple(sources)
+        values = _file_values.get()
+        if values is None:  # built directly, not through load_settings: a broken file still fails loudly
+            values, problems = read_config_file()
+            if problems:
+                raise SettingsError(problems)
+        return init_settings, env_settings, _FileSource(settings_cls, values)
+
+
+def env_name(name: str, field: FieldInfo) -> str:
+    """The environment variable a setting is read from (the first one, when it has several)."""
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"FILEFEED_{name.upper()}"
+
+
+def env_names() -> dict[str, str]:
+    """{environment variable name: setting}, every name each setting answers to, from the model's fields."""
+    out: dict[str, str] = {}
+    for name, field in ServiceSettings.model_fields.items():
+        out[f"FILEFEED_{name.upper()}"] = name
+        if isinstance(field.validation_alias, AliasChoices):
+            out.update({str(c): name for c in field.validation_alias.choices})
+    return out
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The FILEFEED_CONFIG file's values, below the environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]):
+        super().__init__(settings_cls)
+        self.values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+_file_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("filefeed_config_file",
+                                                                                      default=None)
+
+
+def read_config_file(path: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """({setting: value}, problems) of the FILEFEED_CONFIG file; keys are environment variable names."""
+    path = path if path is not None else os.environ.get(CONFIG_ENV)
+    if not path:
+        return {}, []
+    try:
+        doc = read_toml(path, CONFIG_ENV)
+    except ConfigFileError as e:
+        return {}, [str(e)]
+    names = env_names()
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in doc.items():
+        if key in names:
+            values[names[key]] = value
+        else:
+            problems.append(f"{path}: unknown setting {key}{did_you_mean(key, names)}; keys are the environment "
+                            "variables' names, e.g. FILEFEED_STAGING_DIR")
+    return values, problems
+
+
+_active: ServiceSettings | None = None
+
+
+def active_settings() -> ServiceSettings | None:
+    """The settings this process validated last (the server's and every command's): for code that has no settings
+    handed to it, such as a sink opened from feed properties alone."""
+    return _active
 
 
 def load_settings(**overrides: Any) -> ServiceSettings:
-    """Validate the settings once; raise SettingsError naming every problem, never a value."""
+    """Validate the settings once; raise SettingsError naming every problem (setting and variable), never a value."""
+    global _active
+    values, problems = read_config_file()
+    token = _file_values.set(values)
     try:
-        return ServiceSettings(**overrides)
+        settings = ServiceSettings(**overrides)
     except ValidationError as e:
-        problems = []
+        fields = ServiceSettings.model_fields
         for err in e.errors(include_input=False, include_url=False):
             loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
             msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            if loc in fields:
+                loc = env_name(loc, fields[loc])
             problems.append(f"{loc}: {msg}" if loc != "settings" else msg)
-        raise SettingsError(problems) from None
+    finally:
+        _file_values.reset(token)
+    if problems:
+        raise SettingsError(problems)
+    _active = settings
+    return settings

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from config.problems import ConfigFileError
 from config.settings import ServiceSettings, load_settings
 from filefeed import __version__, lifecycle, logs, metrics, server
 from filefeed.context import ContextSource, FeedContext, GatewayError, NotFound, context_source
@@ -95,7 +96,7 @@ def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> C
             response = missing_body_response()
         except (BadRequest, RequestError) as e:
             response = _bad_request(route, str(e), creation)
-        except NotFound as e:
+        except (NotFound, ConfigFileError) as e:  # ConfigFileError: the embedded feeds file, broken since start
             response = error_response(str(e), creation=creation, public=creation)
         except GatewayError as e:
             response = _gateway_unavailable(route, str(e), plugin.settings.retry_delay_ms, creation)

@@ -7,7 +7,7 @@ and is safe to run while the server runs: rolls take the partition's lease, read
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import os
 import signal
 import socket
@@ -15,30 +15,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from config.settings import ServiceSettings, SettingsError, load_settings
+from filefeed import ops_cli, verify_cli  # noqa: F401  - they register status, inspect, flush, retry, verify
+from filefeed.cli_base import EXIT_ENVIRONMENT, OperatorError, app, err, main, out, plural, print_json
+from filefeed.cli_base import settings as load_checked_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="filefeed: mediarithmics segments as files.")
-console = Console(stderr=False)
-err = Console(stderr=True)
-
-
-def _settings() -> ServiceSettings:
-    try:
-        return load_settings()
-    except SettingsError as e:
-        err.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+__all__ = ["app", "main"]
 
 
 @app.command()
@@ -48,12 +34,14 @@ def serve(
     port: int = typer.Option(None, help="port (default PLUGIN_PORT, 8080)"),
 ) -> None:
     """Run the plugin HTTP server."""
-    settings = _settings()
+    settings = load_checked_settings(write=True)
     import uvicorn
 
     from filefeed import logs, metrics
 
     logs.start_run(settings.staging_dir)
+    logs.configure(settings.log_level, settings.staging_dir)
+    _warn_broken_feeds(settings)
     metrics.prepare_multiprocess_dir(settings.staging_dir)
     from filefeed import server
 
@@ -73,6 +61,20 @@ def serve(
     )
 
 
+def _warn_broken_feeds(settings) -> None:
+    """Embedded mode: a feed whose properties are invalid is told now, once per problem; its calls answer an error
+    naming the same problems until the file is fixed (the others are served)."""
+    if settings.feeds is None:
+        return
+    from filefeed.context import EmbeddedContextSource
+
+    log = logging.getLogger("filefeed")
+    for feed_id, ctx in EmbeddedContextSource(settings.feeds).check_all().items():
+        for problem in ctx.error.problems if ctx.error else []:
+            log.warning("feed %s in %s: %s; its calls answer an error until the file is fixed", feed_id,
+                        settings.feeds, problem, extra={"feed_id": feed_id})
+
+
 @app.command()
 def simulate(
     url: str = typer.Option("http://127.0.0.1:8080", help="base URL of a running filefeed"),
@@ -85,24 +87,33 @@ def simulate(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Play the platform against a running filefeed: creation, connection, updates, batches."""
-    from filefeed.simulate import simulate as run
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, disable=as_json) as progress:
-        task = progress.add_task("user_segment_update", total=users)
-        report = asyncio.run(run(url, feed_id=feed_id, segment_id=segment_id, users=users, delete_ratio=delete_ratio,
-                                 batch_size=batch_size, concurrency=concurrency,
-                                 progress=lambda n: progress.advance(task, n)))
+    report = _simulate(url, "user_segment_update", as_json, feed_id=feed_id, segment_id=segment_id, users=users,
+                       delete_ratio=delete_ratio, batch_size=batch_size, concurrency=concurrency)
     data = report.as_dict()
     if as_json:
-        _print_json(data)
+        print_json(data)
     else:
         table = Table(title="simulation", show_header=False)
         for k, v in data.items():
             table.add_row(k, str(v))
-        console.print(table)
+        out.print(table)
     if report.errors or report.creation.get("status") != "ok":
         raise typer.Exit(1)
+
+
+def _simulate(url: str, label: str, quiet: bool, **kw):
+    """Run the simulation with a progress bar; a URL where no filefeed answers is one line, exit 3."""
+    from filefeed.simulate import NoPlugin
+    from filefeed.simulate import simulate as run
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=quiet) as progress:
+        task = progress.add_task(label, total=kw["users"])
+        try:
+            return asyncio.run(run(url, progress=lambda n: progress.advance(task, n), **kw))
+        except NoPlugin as e:
+            raise OperatorError(f"filefeed simulate: {e}; start one with `filefeed serve` or pass --url",
+                                code=EXIT_ENVIRONMENT) from None
 
 
 def _free_port() -> int:
@@ -111,20 +122,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+def _log_tail(log_path: Path, lines: int = 5) -> list[str]:
+    try:
+        tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+    return [f"  {line}" for line in tail] + [f"  (the whole log: {log_path})"]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"filefeed serve exited with code {proc.returncode}")
+            raise OperatorError(f"filefeed demo: the server exited with code {proc.returncode} before it was ready",
+                                *_log_tail(log_path), code=EXIT_ENVIRONMENT)
         try:
             if httpx.get(f"{url}/v1/status", timeout=1, trust_env=False).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    raise RuntimeError("filefeed serve did not become ready")
+    raise OperatorError(f"filefeed demo: the server did not answer {url} within {timeout:.0f} s",
+                        *_log_tail(log_path), code=EXIT_ENVIRONMENT)
 
 
 @app.command()
@@ -134,29 +155,29 @@ def demo(
     batch_size: int = typer.Option(2_000, min=1),
     workers: int = typer.Option(2, min=1),
 ) -> None:
-    """The whole job on the embedded default: serve config/feeds.toml, simulate the platform, show the files."""
-    here = Path.cwd()
+    """The whole job on the embedded default: serve config/feeds.toml, simulate the platform, show the files.
+
+    It stages where every command looks by default (FILEFEED_STAGING_DIR, else ./var), so `filefeed status` right
+    after shows the demo's partitions; it prints the environment to reuse for the other commands."""
+    from filefeed.cli_base import check_staging_dir
+
     env = dict(os.environ)
     env.setdefault("FILEFEED_FEEDS", str(Path(__file__).resolve().parent.parent / "config" / "feeds.toml"))
-    env.setdefault("FILEFEED_STAGING_DIR", str(here / "var" / "staging"))
+    env.setdefault("FILEFEED_STAGING_DIR", "var")  # the settings' default, as the other commands read it
+    staging = Path(env["FILEFEED_STAGING_DIR"])
+    check_staging_dir(staging, write=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = Path(env["FILEFEED_STAGING_DIR"]).parent / "serve.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]filefeed demo[/bold]: feeds {env['FILEFEED_FEEDS']}, staging {env['FILEFEED_STAGING_DIR']}, "
-                  f"server {url} ({workers} workers, log {log_path})")
+    log_path = staging / "serve.log"
+    out.print(f"[bold]filefeed demo[/bold]: feeds {env['FILEFEED_FEEDS']}, staging {staging.resolve()}, "
+              f"server {url} ({workers} workers, log {log_path})")
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port", str(port),
                                  "--workers", str(workers)], env=env, stdout=logf, stderr=logf)
     try:
-        _wait_ready(url, proc)
-        from filefeed.simulate import simulate as run
-
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err) as progress:
-            task = progress.add_task("platform -> filefeed", total=users)
-            report = asyncio.run(run(url, users=users, delete_ratio=delete_ratio, batch_size=batch_size,
-                                     progress=lambda n: progress.advance(task, n)))
+        _wait_ready(url, proc, log_path)
+        report = _simulate(url, "platform -> filefeed", False, users=users, delete_ratio=delete_ratio,
+                           batch_size=batch_size)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -165,37 +186,42 @@ def demo(
             proc.kill()
     data = report.as_dict()
     rate = users / report.seconds if report.seconds else 0
-    console.print(f"{users} users in {report.seconds:.1f} s ({rate:,.0f} updates/s); "
-                  f"{report.items} rows; {report.batches} batch_update calls: "
-                  f"sent_items_in_success={report.sent_items_in_success} "
-                  f"sent_items_in_error={report.sent_items_in_error}; answers {data['batch_answers']}")
+    out.print(f"{users:,} users in {report.seconds:.1f} s ({rate:,.0f} updates/s); "
+              f"{report.items:,} rows; {plural(report.batches, 'batch_update call')}: "
+              f"sent_items_in_success={report.sent_items_in_success} "
+              f"sent_items_in_error={report.sent_items_in_error}; answers {data['batch_answers']}")
     os.environ.update({k: env[k] for k in ("FILEFEED_FEEDS", "FILEFEED_STAGING_DIR")})
-    status(feed=None, as_json=False)
-    from config.feed import parse_destination
-    from filefeed.context import load_embedded_feeds
-
-    for feed_id, table in load_embedded_feeds(Path(env["FILEFEED_FEEDS"])).items():
-        dest = parse_destination(table["destination_uri"])
-        if dest.scheme == "file":
-            files = sorted(p for p in Path(dest.path).rglob("*") if p.is_file())
-            console.print(f"feed {feed_id}: {len(files)} files in {dest.path}")
-            for p in files[-6:]:
-                console.print(f"  {p.relative_to(dest.path)}  {p.stat().st_size:,} B")
-            data_files = [p for p in files if not p.name.endswith(".manifest.json")]
-            if data_files:
-                console.print(f"  (see one: filefeed inspect {data_files[-1]})")
+    ops_cli.status(feed=None, wide=False, as_json=False)
+    _show_delivered(Path(env["FILEFEED_FEEDS"]))
+    reuse = f"FILEFEED_FEEDS={env['FILEFEED_FEEDS']}"
+    if staging.resolve() != Path("var").resolve():
+        reuse += f" FILEFEED_STAGING_DIR={staging.resolve()}"
+    out.print(f"the other commands, on the demo's data: {reuse} filefeed status (or flush, inspect, verify)")
     if report.errors or report.sent_items_in_success != report.items:
         err.print(f"[red]demo incomplete: {report.errors[:3]}[/red]")
         raise typer.Exit(1)
 
 
-from filefeed import ops_cli  # noqa: E402  - registers status, inspect, flush, retry, verify on `app`
-
-status = ops_cli.status
+SHOWN_FILES = 10
 
 
-def main() -> None:
-    app()
+def _show_delivered(feeds_file: Path) -> None:
+    from config.feed import parse_destination
+    from filefeed.context import load_embedded_feeds
+
+    for feed_id, table in load_embedded_feeds(feeds_file).items():
+        dest = parse_destination(table["destination_uri"])
+        if dest.scheme != "file":
+            continue
+        files = sorted(p for p in Path(dest.path).rglob("*") if p.is_file() and not p.name.startswith("."))
+        shown = files[-SHOWN_FILES:]
+        out.print(f"feed {feed_id}: {plural(len(files), 'file')} in {dest.path}"
+                  + (f", the last {len(shown)}:" if len(shown) < len(files) else ":"))
+        for p in shown:
+            out.print(f"  {p.relative_to(dest.path)}  {p.stat().st_size:,} B")
+        data_files = [p for p in files if not p.name.endswith(".manifest.json")]
+        if data_files:
+            out.print(f"  (see one: filefeed inspect {data_files[-1]})")
 
 
 if __name__ == "__main__":

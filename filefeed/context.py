@@ -8,9 +8,9 @@ never caches a failure, and is rebuilt on external_segment_creation.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
-import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +18,13 @@ from typing import Any
 
 import httpx
 
-from config.feed import FeedConfigError, FeedProperties, parse_feed_properties, property_values
+from config.feed import FeedConfigError, FeedProperties, parse_feed_properties, property_values, unknown_properties
+from config.problems import ConfigFileError, read_toml
 from config.settings import ServiceSettings
 from pipeline.identifiers import IdentifierRules
+
+log = logging.getLogger("filefeed.context")
+FEEDS_ENV = "FILEFEED_FEEDS"
 
 
 class GatewayError(Exception):
@@ -40,6 +44,7 @@ class FeedContext:
     error: FeedConfigError | None
     rules: IdentifierRules | None
     built_at: float = field(default_factory=time.monotonic)
+    warnings: list[str] = field(default_factory=list)  # properties ignored (gateway mode: other plugin versions)
 
     @property
     def valid(self) -> bool:
@@ -47,17 +52,21 @@ class FeedContext:
 
 
 def build_context(feed_id: str, feed: dict[str, Any], raw: dict[str, Any],
-                  credentials: dict[str, Any] | None = None) -> FeedContext:
-    """Validate the properties (credentials whose keys are property names override them)."""
+                  credentials: dict[str, Any] | None = None, *, strict: bool = False) -> FeedContext:
+    """Validate the properties (credentials whose keys are property names override them). `strict` (embedded
+    mode): an unknown property is an error; else a warning, logged and kept on the context."""
     merged = dict(raw)
     if credentials:
         merged.update({k: v for k, v in credentials.items() if k in FeedProperties.model_fields})
+    warnings = [] if strict else unknown_properties(merged)
+    for w in warnings:
+        log.warning("feed %s: %s, ignored", feed_id, w, extra={"feed_id": feed_id})
     try:
-        props = parse_feed_properties(merged)
+        props = parse_feed_properties(merged, strict=strict)
     except FeedConfigError as e:
-        return FeedContext(feed_id, feed, raw, None, e, None)
+        return FeedContext(feed_id, feed, raw, None, e, None, warnings=warnings)
     rules = IdentifierRules(props.identifier_selectors(feed.get("selected_identifying_resources")))
-    return FeedContext(feed_id, feed, raw, props, None, rules)
+    return FeedContext(feed_id, feed, raw, props, None, rules, warnings=warnings)
 
 
 class GatewayClient:
@@ -176,16 +185,21 @@ class GatewayContextSource(ContextSource):
 
 
 def load_embedded_feeds(path: Path) -> dict[str, dict[str, Any]]:
-    """Read `[feeds.<id>]` tables; a relative `file:` destination is resolved against the current directory."""
-    with open(path, "rb") as f:
-        doc = tomllib.load(f)
+    """Read `[feeds.<id>]` tables; a relative `file:` destination is resolved against the current directory.
+    ConfigFileError (one line: file, line, what to do) for a file that cannot be used."""
+    doc = read_toml(path, FEEDS_ENV)
     feeds = doc.get("feeds")
     if not isinstance(feeds, dict) or not feeds:
-        raise ValueError(f"{path}: no [feeds.<id>] table")
+        raise ConfigFileError(f"{FEEDS_ENV}={path}: no [feeds.<id>] table (declare at least one feed, as in "
+                              "config/feeds.toml)")
+    others = sorted(k for k in doc if k != "feeds")
+    if others:
+        raise ConfigFileError(f"{FEEDS_ENV}={path}: unknown top-level key(s) {', '.join(others)}; feeds go in "
+                              "[feeds.<id>] tables")
     out: dict[str, dict[str, Any]] = {}
     for feed_id, table in feeds.items():
         if not isinstance(table, dict):
-            raise ValueError(f"{path}: [feeds.{feed_id}] must be a table")
+            raise ConfigFileError(f"{FEEDS_ENV}={path}: [feeds.{feed_id}] must be a table of properties")
         table = dict(table)
         uri = table.get("destination_uri")
         if isinstance(uri, str) and uri.startswith("file:") and not uri.startswith("file:/"):
@@ -207,13 +221,20 @@ class EmbeddedContextSource(ContextSource):
             return self._built[feed_id]
         if force:
             self.feeds = load_embedded_feeds(self.path)  # creation re-reads the file, like the gateway's forced rebuild
+        return self._build(feed_id)
+
+    def _build(self, feed_id: str) -> FeedContext:
         table = self.feeds.get(feed_id)
         if table is None:
             raise NotFound(f"feed {feed_id} is not declared in {self.path.name}")
         raw = {k: v for k, v in table.items() if k != "selected_identifying_resources"}
         feed = {"id": feed_id, "selected_identifying_resources": table.get("selected_identifying_resources", [])}
-        ctx = self._built[feed_id] = build_context(feed_id, feed, raw)
+        ctx = self._built[feed_id] = build_context(feed_id, feed, raw, strict=True)
         return ctx
+
+    def check_all(self) -> dict[str, FeedContext]:
+        """Every declared feed built once (at start-up: a broken feed is told before any call for it)."""
+        return {feed_id: self._build(feed_id) for feed_id in self.feeds}
 
 
 def context_source(settings: ServiceSettings) -> ContextSource:

@@ -21,15 +21,19 @@ def check_destination(ctx: FeedContext, settings: ServiceSettings, creation: boo
 
     Messages name the property and the problem so a marketer can act; they never carry a secret.
     """
+    ignored = f" (ignored: {'; '.join(ctx.warnings)})" if ctx.warnings else ""
     if ctx.props is None:
         assert ctx.error is not None
-        return {"status": "error", "visibility": "PUBLIC", "message": f"Invalid feed properties: {ctx.error}"}
+        return {"status": "error", "visibility": "PUBLIC", "message": f"Invalid feed properties: {ctx.error}{ignored}"}
     try:
         _check(ctx.props)
     except SinkError as e:
         what = "cannot be written to" if not e.transient else "is not reachable right now"
         return {"status": "error", "visibility": "PUBLIC",
-                "message": f"destination_uri {ctx.props.destination} {what} ({e.kind}): {e}"}
+                "message": f"destination_uri {ctx.props.destination} {what} ({e.kind}): {e}{ignored}"}
+    if ctx.warnings:
+        return {"status": "ok", "visibility": "PUBLIC", "message": f"Feed created; {'; '.join(ctx.warnings)}: "
+                "ignored (a property of another version of this plugin, or a typo)"}
     return {"status": "ok", "visibility": "PUBLIC"}
 
 

@@ -18,9 +18,8 @@ from typing import Any
 
 import orjson
 
-# SDK (winston) level names -> Python levels
-LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "http": logging.INFO,
-          "verbose": logging.DEBUG, "debug": logging.DEBUG, "silly": logging.DEBUG}
+from config.settings import LOG_LEVELS as LEVELS
+
 _current = "info"
 _EXTRA_KEYS = ("feed_id", "segment_id", "route", "outcome", "code", "ms", "partition", "roll_id", "status", "rows",
                "files", "error_class", "kind", "worker")

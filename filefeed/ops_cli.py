@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import hashlib
 import json
 import os
-import re
-import string
 import sys
 import time
 from collections.abc import Iterator
@@ -22,16 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich import box
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from filefeed.cli import _print_json, _settings, app, console, err
+from filefeed.cli_base import EXIT_CONFIG, OperatorError, app, err, out, plural, print_json
+from filefeed.cli_base import settings as checked_settings
 from pipeline.model import Partition
-
-# Tables and file names are not cut at 80 columns when the output goes to a file or a pipe.
-out = console if console.is_terminal else Console(width=max(console.width, 200), soft_wrap=True)
 
 
 @contextmanager
@@ -92,13 +87,68 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _label(error: dict[str, Any]) -> str:
+    """One label per error, whichever record it comes from: `terminal not_found`, `transient network`."""
+    cls = str(error.get("error_class") or "")
+    severity = {"TerminalError": "terminal", "TransientError": "transient"}.get(cls, cls or "error")
+    return f"{severity} {error.get('kind') or 'unknown'}"
+
+
+def error_line(where: str, error: dict[str, Any], fix: str) -> str:
+    return f"{where}: {_label(error)}: {error.get('message')} -> {fix}"
+
+
+def _when(iso: str | None) -> str:
+    return "-" if not iso else iso[:16].replace("T", " ")
+
+
+# (header, value) per column; the compact set fits 80 columns with 7-digit row counts.
+_COMPACT = ("partition", "staged rows", "oldest staged", "pending rolls", "failed rolls", "delivered rows",
+            "last delivery (UTC)")
+_WIDE = ("partition", "staged rows", "staged bytes", "oldest staged", "pending rolls", "failed rolls",
+         "delivered rows", "delivered files", "last delivery (UTC)", "rows in last delivery", "last file")
+_NUMERIC = {"staged rows", "staged bytes", "pending rolls", "failed rolls", "delivered rows", "delivered files",
+            "rows in last delivery"}
+
+
+def _cells(r: dict[str, Any]) -> dict[str, str]:
+    last = r["last_delivery"]
+    return {
+        "partition": f"{r['feed_id']}/{r['segment_id']}/{r['operation']}",
+        "staged rows": f"{r['staged_rows']:,}", "staged bytes": f"{r['staged_bytes']:,}",
+        "oldest staged": _age(r["oldest_staged_age_seconds"]), "pending rolls": str(r["pending_rolls"]),
+        "failed rolls": str(len(r["failed_rolls"])), "delivered rows": f"{r['delivered_rows']:,}",
+        "delivered files": f"{r['delivered_files']:,}",
+        "last delivery (UTC)": _when(last and last["published_at"]),
+        "rows in last delivery": "-" if not last else f"{last['rows']:,}",
+        "last file": "-" if not last else (last["files"] or ["-"])[-1],
+    }
+
+
+def status_table(rows: list[dict[str, Any]], title: str, wide: bool) -> Table:
+    """The partitions as a table whose cells are never cut: each column is at least as wide as its longest cell,
+    headers wrap on spaces instead."""
+    columns = _WIDE if wide else _COMPACT
+    cells = [_cells(r) for r in rows]
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    for col in columns:
+        longest = max([len(c[col]) for c in cells] + [max(len(w) for w in col.split())])
+        table.add_column(col, justify="right" if col in _NUMERIC else "left", min_width=longest,
+                         no_wrap=col != "last file", overflow="fold")
+    for c in cells:
+        table.add_row(*(escape(c[col]) for col in columns))
+    return table
+
+
 @app.command()
 def status(feed: str | None = typer.Option(None, help="only this feed"),
+           wide: bool = typer.Option(False, "--wide", help="every column: bytes, files, the last file's name"),
            as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Feeds and partitions: staged rows and bytes, oldest row, pending and failed rolls, last delivery, disk free."""
+    """Feeds and partitions: rows staged and waiting, the oldest of them, rolls pending or failed, rows delivered
+    (all time), the last delivery; then each error once, with the command that fixes it."""
     from pipeline.troubleshoot import partition_report
 
-    settings = _settings()
+    settings = checked_settings()
     root = Path(settings.staging_dir)
     with _staging(settings) as staging:
         rows = [dict(feed_id=p.feed_id, **partition_report(staging, p, deliveries=1))
@@ -107,52 +157,27 @@ def status(feed: str | None = typer.Option(None, help="only this feed"),
         r.pop("recent_deliveries", None)
     disk_free = _disk_free(root)
     if as_json:
-        _print_json({"staging_dir": str(root), "disk_free_bytes": disk_free, "partitions": rows,
-                     "totals": {k: sum(r[k] for r in rows) for k in ("staged_rows", "staged_bytes", "pending_rolls",
-                                                                      "delivered_rows", "delivered_files")}
-                     | {"failed_rolls": sum(len(r["failed_rolls"]) for r in rows)}})
+        print_json({"staging_dir": str(root), "disk_free_bytes": disk_free, "partitions": rows,
+                    "totals": {k: sum(r[k] for r in rows) for k in ("staged_rows", "staged_bytes", "pending_rolls",
+                                                                     "delivered_rows", "delivered_files")}
+                    | {"failed_rolls": sum(len(r["failed_rolls"]) for r in rows)}})
         return
     free = "-" if disk_free is None else f"{disk_free / 2**30:,.1f} GiB"
-    table = Table(title=f"filefeed status: {escape(str(root))}  (disk free: {free})")
-    for col in ("feed", "segment", "op", "staged rows", "staged bytes", "oldest", "pending", "failed",
-                "delivered rows", "last delivery (UTC)", "rows", "file"):
-        table.add_column(col, justify="right" if col in ("staged rows", "staged bytes", "delivered rows", "rows",
-                                                         "pending", "failed") else "left",
-                         overflow="fold" if col == "file" else "ellipsis")
-    for r in rows:
-        last = r["last_delivery"]
-        table.add_row(r["feed_id"], r["segment_id"], r["operation"], f"{r['staged_rows']:,}",
-                      f"{r['staged_bytes']:,}", _age(r["oldest_staged_age_seconds"]), str(r["pending_rolls"]),
-                      str(len(r["failed_rolls"])), f"{r['delivered_rows']:,}",
-                      "-" if not last else last["published_at"][:19].replace("T", " "),
-                      "-" if not last else f"{last['rows']:,}",
-                      "-" if not last else escape((last["files"] or ["-"])[-1]))
-    out.print(table)
     if not rows:
-        out.print(f"nothing staged or delivered yet in {escape(str(root))}")
+        out.print(f"nothing staged or delivered yet in {escape(str(root.resolve()))} (disk free {free})")
+        return
+    out.print(status_table(rows, f"filefeed status: {escape(str(root.resolve()))} (disk free {free})", wide))
     for r in rows:
-        where = f"{r['feed_id']}/{r['segment_id']}/{r['operation']}"
+        where, feed_id = f"{r['feed_id']}/{r['segment_id']}/{r['operation']}", r["feed_id"]
         for f in r["failed_rolls"]:
-            out.print(f"[red]failed roll {where} {f['roll_id']}: {escape(str(f.get('error_class')))} "
-                      f"{escape(str(f.get('kind')))}: {escape(str(f.get('message')))}[/red] (filefeed retry)")
+            line = error_line(f"failed roll {where} {f['roll_id']}", f,
+                              f"fix the cause, then `filefeed retry --feed {feed_id}`")
+            out.print(f"[red]{escape(line)}[/red]")
         e = r["last_error"]
-        if e:
-            out.print(f"[yellow]last error {where} at {escape(str(e.get('time')))}: {escape(str(e.get('error_class')))}"
-                      f" {escape(str(e.get('kind')))}: {escape(str(e.get('message')))}[/yellow]")
-
-
-def _read_delivered(path: Path):
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    name = path.name
-    if name.endswith(".parquet"):
-        return pq.read_table(path)
-    if name.endswith((".csv", ".csv.gz", ".csv.zst")):
-        # every column as text: ids keep their leading zeros, hashes stay strings
-        names = pacsv.read_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 16)).column_names
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={n: "string" for n in names}))
-    raise typer.BadParameter(f"{path}: not a staged segment (.jnl) or a delivered file (.csv[.gz|.zst], .parquet)")
+        if e and not r["failed_rolls"]:  # a failed roll already says it
+            line = error_line(f"last error {where} at {_when(e.get('time'))}", e,
+                              f"the next roll retries it; `filefeed flush --feed {feed_id}` tries now")
+            out.print(f"[yellow]{escape(line)}[/yellow]")
 
 
 def _segment_rows(path: Path, limit: int, prefix: tuple = ()) -> Iterator[tuple]:
@@ -169,63 +194,107 @@ def _segment_rows(path: Path, limit: int, prefix: tuple = ()) -> Iterator[tuple]
             err.print(f"[red]{escape(str(e))}[/red]")
 
 
+def _delivered_rows(open_stream: Any, shown: str, name: str, limit: int) -> tuple[list[str], list[tuple],
+                                                                                  int | None]:
+    from filefeed.remote import read_rows
+    from sinks import SinkError
+
+    try:
+        with open_stream() as stream:
+            return read_rows(stream, name, limit)
+    except SinkError as e:
+        raise OperatorError(f"filefeed inspect: {e} ({e.kind})", code=3) from None
+    except ValueError as e:
+        raise OperatorError(f"filefeed inspect: {e}") from None
+    except Exception as e:  # a damaged file: say so, no traceback
+        raise OperatorError(f"filefeed inspect: cannot read {shown}: {type(e).__name__}: {e}", code=1) from None
+
+
+def _remote_delivered(settings: Any, url: str, feed: str | None) -> tuple[Any, str]:
+    """(opener, object name) of a delivered object by URL, with the credentials of `feed` or of the feed whose
+    destination_uri holds the URL."""
+    from filefeed.remote import feed_for_url, name_in, open_delivered
+    from pipeline.delivery import POOL
+
+    feed_ids = {feed} if feed else {p.feed_id for p in _all_partitions(settings, None)} | _declared_feeds(settings)
+    props, problems = _props_by_feed(settings, feed_ids)
+    if feed:
+        if feed not in props:
+            raise OperatorError(f"filefeed inspect: feed {feed}: {problems.get(feed, 'no configuration')}")
+        name = name_in(props[feed].destination, url)
+        if name is None:
+            raise OperatorError(f"filefeed inspect: {url} is not under feed {feed}'s destination_uri "
+                                f"{props[feed].destination}")
+        hit = (feed, name)
+    else:
+        found = feed_for_url(url, props)
+        if found is None:
+            raise OperatorError(f"filefeed inspect: no feed's destination_uri holds {url}",
+                                "  (name the feed with --feed ID; feeds known here: "
+                                + (", ".join(sorted(props)) or "none") + ")")
+        hit = found
+    fprops = props[hit[0]]
+
+    @contextmanager
+    def opener() -> Iterator[Any]:
+        with POOL.sink(fprops) as sink, open_delivered(sink, hit[1]) as stream:
+            yield stream
+
+    return opener, hit[1]
+
+
+def _declared_feeds(settings: Any) -> set[str]:
+    if settings.feeds is None:
+        return set()
+    from filefeed.context import load_embedded_feeds
+
+    return set(load_embedded_feeds(settings.feeds))
+
+
 @app.command()
-def inspect(target: str = typer.Argument(..., help="a staged .jnl segment, a delivered local file, or a feed id"),
+def inspect(target: str = typer.Argument(..., help="a staged .jnl segment (a path, or relative to the staging "
+                                                     "folder), a delivered file (local path, s3://, gs://, sftp://), "
+                                                     "or a feed id"),
             partition: str | None = typer.Option(None, help="SEGMENT_ID or SEGMENT_ID/OPERATION, with a feed id"),
+            feed: str | None = typer.Option(None, help="the feed whose credentials read a remote URL (default: the "
+                                                       "feed whose destination_uri holds it)"),
             limit: int = typer.Option(20, help="rows to print (0 = all)"),
             as_csv: bool = typer.Option(False, "--csv", help="print CSV instead of a table"),
             as_json: bool = typer.Option(False, "--json", help="print one JSON object per row")) -> None:
-    """Print staged rows (of a segment file or a feed's partitions), or the rows of a delivered local file."""
+    """Print staged rows (of a segment file or a feed's partitions), or the rows of a delivered file, local or at
+    its destination."""
     from pipeline.model import STAGED_FIELDS
 
-    path = Path(target)
     header: list[str]
     rows: list[tuple] = []
-    if path.is_file():
-        if path.name.endswith(".jnl"):
+    total: int | None = None
+    path = Path(target)
+    if "://" in target:
+        settings = checked_settings()
+        opener, name = _remote_delivered(settings, target, feed)
+        header, rows, total = _delivered_rows(opener, target, name, limit)
+    else:
+        if not path.is_file() and not path.is_absolute():
+            settings = checked_settings()
+            if (settings.staging_dir / target).is_file():  # as the README writes it: relative to the staging folder
+                path = settings.staging_dir / target
+        if path.is_file() and path.name.endswith(".jnl"):
             header = list(STAGED_FIELDS)
             for r in _segment_rows(path, limit):
                 rows.append(r)
                 if limit and len(rows) >= limit:
                     break
+        elif path.is_file():
+            from filefeed.remote import open_local
+
+            header, rows, total = _delivered_rows(lambda: open_local(str(path)), str(path), path.name, limit)
+        elif os.sep in target or target.endswith((".jnl", ".csv", ".gz", ".zst", ".parquet")):
+            raise OperatorError(f"filefeed inspect: no such file: {target} (looked here and in the staging "
+                                "folder, FILEFEED_STAGING_DIR)", code=EXIT_CONFIG)
         else:
-            try:
-                table = _read_delivered(path)
-            except typer.BadParameter:
-                raise
-            except Exception as e:  # a damaged file: say so, no traceback
-                err.print(f"[red]cannot read {escape(str(path))}: {escape(type(e).__name__)}: {escape(str(e))}[/red]")
-                raise typer.Exit(1) from None
-            total = table.num_rows
-            if limit:
-                table = table.slice(0, limit)
-            header = table.column_names
-            rows = [tuple(r.values()) for r in table.to_pylist()]
-            if not (as_csv or as_json):
-                err.print(f"{escape(str(path))}: {total:,} rows, columns {', '.join(header)}")
-    else:
-        if os.sep in target or target.endswith((".jnl", ".csv", ".gz", ".zst", ".parquet")):
-            err.print(f"[red]no such file: {escape(target)}[/red]")
-            raise typer.Exit(1)
-        settings = _settings()
-        parts = _all_partitions(settings, target)
-        if partition:
-            seg, _, op = partition.partition("/")
-            parts = [p for p in parts if p.segment_id == seg and (not op or p.operation == op.upper())]
-        if not parts:
-            err.print(f"[red]no partition for feed {escape(target)} {escape(partition or '')} in "
-                      f"{escape(str(settings.staging_dir))}[/red]")
-            raise typer.Exit(1)
-        header = ["segment_id", "operation", *STAGED_FIELDS]
-        with _staging(settings) as staging:
-            for p in parts:
-                for seg_path in staging.sealed_segments(p) + staging.open_segments(p):
-                    for r in _segment_rows(seg_path, limit, (p.segment_id, p.operation)):
-                        rows.append(r)
-                        if limit and len(rows) >= limit:
-                            break
-                    if limit and len(rows) >= limit:
-                        break
+            header, rows = _staged_rows(target, partition, limit)
+    if total is not None and not (as_csv or as_json):
+        err.print(f"{escape(target)}: {plural(total, 'row')}, columns {', '.join(header)}")
     if as_json:
         for r in rows:
             sys.stdout.write(json.dumps(dict(zip(header, r, strict=False)), default=str) + "\n")
@@ -234,10 +303,63 @@ def inspect(target: str = typer.Argument(..., help="a staged .jnl segment, a del
         w.writerow(header)
         w.writerows(rows)
     else:
-        t = Table(*header)
+        t = Table(*header, box=box.SIMPLE_HEAD, pad_edge=False)
         for r in rows:
             t.add_row(*(escape(str(v)) for v in r))
         out.print(t)
+
+
+def _staged_rows(feed_id: str, partition: str | None, limit: int) -> tuple[list[str], list[tuple]]:
+    from pipeline.model import STAGED_FIELDS
+
+    settings = checked_settings()
+    parts = _all_partitions(settings, feed_id)
+    if partition:
+        seg, _, op = partition.partition("/")
+        parts = [p for p in parts if p.segment_id == seg and (not op or p.operation == op.upper())]
+    if not parts:
+        raise OperatorError(f"filefeed inspect: no partition for feed {feed_id} {partition or ''} in "
+                            f"{settings.staging_dir} (FILEFEED_STAGING_DIR)", code=1)
+    rows: list[tuple] = []
+    with _staging(settings) as staging:
+        for p in parts:
+            for seg_path in staging.sealed_segments(p) + staging.open_segments(p):
+                for r in _segment_rows(seg_path, limit, (p.segment_id, p.operation)):
+                    rows.append(r)
+                    if limit and len(rows) >= limit:
+                        return ["segment_id", "operation", *STAGED_FIELDS], rows
+    return ["segment_id", "operation", *STAGED_FIELDS], rows
+
+
+def _outcome(o: Any) -> dict[str, Any]:
+    return {"status": o.status, "rows": o.rows, "files": list(o.files), "error": o.error, "error_kind": o.error_kind}
+
+
+def _fix(status: str, feed_id: str) -> str:
+    if status == "terminal":
+        return f"fix the cause, then `filefeed retry --feed {feed_id}`"
+    if status == "busy":
+        return f"another roll holds the partition; `filefeed flush --feed {feed_id}` again in a moment"
+    return f"the rows stay staged; `filefeed flush --feed {feed_id}` again once the destination answers"
+
+
+def print_outcomes(results: dict[str, dict[str, Any]], skipped: dict[str, str]) -> None:
+    """One line per partition (and per published file); each failure once, with the command that fixes it."""
+    for where, r in results.items():
+        feed_id = where.split("/", 1)[0]
+        if r["status"] in ("published", "nothing"):
+            color = "green" if r["status"] == "published" else "dim"
+            out.print(f"[{color}]{escape(where)}: {r['status']}[/{color}] {plural(r['rows'], 'row')}, "
+                      f"{plural(len(r['files']), 'file')}")
+            for f in r["files"]:
+                out.print(f"  published {escape(f)}")
+        else:
+            line = error_line(where, {"error_class": r["status"], "kind": r["error_kind"],
+                                      "message": r["error"] or r["status"]}, _fix(r["status"], feed_id))
+            out.print(f"[red]{escape(line)}[/red]")
+    for f, why in skipped.items():
+        out.print(f"[red]feed {escape(f)} skipped: {escape(why)}[/red] -> fix its properties (FILEFEED_FEEDS or the "
+                  "platform's feed form)")
 
 
 @app.command()
@@ -246,7 +368,7 @@ def flush(feed: str | None = typer.Option(None, help="only this feed"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Roll and publish everything staged now, whatever its age (safe while the server runs). Exit 1 if a roll
     failed or a feed has no valid configuration."""
-    settings = _settings()
+    settings = checked_settings(write=not dry_run)
     parts = _partitions(settings, feed)
     if dry_run:
         from pipeline.rollover import failed_rolls, pending_rolls
@@ -256,15 +378,15 @@ def flush(feed: str | None = typer.Option(None, help="only this feed"),
                      "pending_rolls": len(pending_rolls(settings.staging_dir, p)),
                      "failed_rolls": len(failed_rolls(settings.staging_dir, p))} for p in parts]
         if as_json:
-            _print_json({"dry_run": True, "partitions": data, "rows": sum(d["staged_rows"] for d in data)})
+            print_json({"dry_run": True, "partitions": data, "rows": sum(d["staged_rows"] for d in data)})
         else:
             for d in data:
-                out.print(f"would roll {d['partition']}: {d['staged_rows']:,} staged rows"
-                          + (f", resume {d['pending_rolls']} pending rolls" if d["pending_rolls"] else "")
-                          + (f" ({d['failed_rolls']} failed rolls wait for `filefeed retry`)" if d["failed_rolls"]
-                             else ""))
-            out.print(f"{len(data)} partitions, {sum(d['staged_rows'] for d in data):,} rows (dry run: nothing "
-                      "changed)")
+                out.print(f"would roll {d['partition']}: {plural(d['staged_rows'], 'staged row')}"
+                          + (f", resume {plural(d['pending_rolls'], 'pending roll')}" if d["pending_rolls"] else "")
+                          + (f" ({plural(d['failed_rolls'], 'failed roll')} wait for `filefeed retry`)"
+                             if d["failed_rolls"] else ""))
+            out.print(f"{plural(len(data), 'partition')}, {plural(sum(d['staged_rows'] for d in data), 'row')} "
+                      "(dry run: nothing changed)")
         return
     from filefeed import metrics
     from pipeline.scheduler import flush as run_flush
@@ -273,7 +395,7 @@ def flush(feed: str | None = typer.Option(None, help="only this feed"),
     props, problems = _props_by_feed(settings, {p.feed_id for p in parts})
     with _staging(settings) as staging, Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err, disable=as_json) as progress:
+            console=err, disable=as_json, transient=True) as progress:
         task = progress.add_task("flush", total=len(parts))
 
         def advance(p: Partition, o: Any) -> None:
@@ -281,22 +403,13 @@ def flush(feed: str | None = typer.Option(None, help="only this feed"),
 
         report = run_flush(staging, props, parts, progress=advance)
     skipped = {**report.skipped, **problems}
-    data = {"partitions": {str(p): {"status": o.status, "rows": o.rows, "files": list(o.files), "error": o.error,
-                                    "error_kind": o.error_kind}
-                           for p, o in report.outcomes.items()},
-            "skipped_feeds": skipped, "rows": report.rows, "files": len(report.files)}
+    results = {str(p): _outcome(o) for p, o in report.outcomes.items()}
     if as_json:
-        _print_json(data)
+        print_json({"partitions": results, "skipped_feeds": skipped, "rows": report.rows,
+                    "files": len(report.files)})
     else:
-        for p, o in report.outcomes.items():
-            color = {"published": "green", "nothing": "dim"}.get(o.status, "red")
-            out.print(f"[{color}]{p}: {o.status}[/{color}] {o.rows:,} rows, {len(o.files)} files"
-                      + (f" ({escape(str(o.error_kind))}: {escape(o.error)})" if o.error else ""))
-            for f in o.files:
-                out.print(f"  published {escape(f)}")
-        for f, why in skipped.items():
-            out.print(f"[red]feed {escape(f)} skipped: {escape(why)}[/red]")
-        out.print(f"flushed {report.rows:,} rows into {len(report.files)} files")
+        print_outcomes(results, skipped)
+        out.print(f"flushed {plural(report.rows, 'row')} into {plural(len(report.files), 'file')}")
     if report.failed or problems:
         raise typer.Exit(1)
 
@@ -306,11 +419,11 @@ def retry(feed: str | None = typer.Option(None, help="only this feed"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Move failed rolls back to pending and publish them. Exit 1 if one fails again (it goes back to failed/)."""
     from filefeed import metrics
-    from pipeline.delivery import POOL
+    from pipeline.delivery import POOL, clear_error
     from pipeline.rollover import RollOutcome, failed_rolls, retry_failed
     from sinks import SinkError
 
-    settings = _settings()
+    settings = checked_settings(write=True)
     parts = [p for p in _all_partitions(settings, feed) if failed_rolls(settings.staging_dir, p)]
     metrics.join_multiprocess_dir(settings.staging_dir)
     props, problems = _props_by_feed(settings, {p.feed_id for p in parts})
@@ -326,213 +439,16 @@ def retry(feed: str | None = typer.Option(None, help="only this feed"),
         except SinkError as e:
             o = RollOutcome(status="transient" if e.transient else "terminal", error=str(e), error_kind=e.kind)
         metrics.observe_roll(props[p.feed_id].destination.scheme, o, time.perf_counter() - started, 0)
-        results[str(p)] = {"status": o.status, "rows": o.rows, "files": list(o.files), "error": o.error,
-                           "error_kind": o.error_kind}
+        if o.status == "published" and not failed_rolls(settings.staging_dir, p):
+            clear_error(settings.staging_dir, p)
+        results[str(p)] = _outcome(o)
         bad |= o.status not in ("published", "nothing")
     POOL.close()
     if as_json:
-        _print_json({"partitions": results, "skipped_feeds": problems})
+        print_json({"partitions": results, "skipped_feeds": problems})
     else:
         if not parts:
             out.print("no failed rolls")
-        for p, r in results.items():
-            color = "green" if r["status"] in ("published", "nothing") else "red"
-            out.print(f"[{color}]{p}: {r['status']}[/{color}] {r['rows']:,} rows, {len(r['files'])} files"
-                      + (f" ({escape(str(r['error_kind']))}: {escape(r['error'])})" if r["error"] else ""))
-            for f in r["files"]:
-                out.print(f"  published {escape(f)}")
-        for f, why in problems.items():
-            out.print(f"[red]feed {escape(f)} skipped: {escape(why)}[/red]")
+        print_outcomes(results, problems)
     if bad:
-        raise typer.Exit(1)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# -- verify: the feed's naming, to find objects no ledger entry lists ------------------------------------------------
-
-_BATCH_ID = r"\d{8}T\d{6}-[0-9a-f]{10}"
-_PREFIX_MACROS = ("feed_id", "segment_id")  # fixed per partition: they may narrow the listing
-
-
-def _macro_pattern(field: str, feed_id: str, segments: list[str]) -> str:
-    return {
-        "feed_id": re.escape(feed_id),
-        "segment_id": "(?:" + "|".join(re.escape(s) for s in segments) + ")" if segments else r"[A-Za-z0-9_-]+",
-        "operation": "(?:UPSERT|DELETE)",
-        "datamart_id": r"[A-Za-z0-9_.-]+",
-        "date": r"\d{8}",
-        "time": r"\d{6}",
-        "batch_id": _BATCH_ID,
-        "part": r"\d+",
-        "ext": r"[A-Za-z0-9.]+",
-        "format": "(?:csv|parquet)",
-    }.get(field, r"[^/]+")
-
-
-def naming_pattern(template: str, feed_id: str, segments: list[str]) -> re.Pattern[str]:
-    """A regex matching the data files and manifests this template renders for the feed's segments."""
-    parts: list[str] = []
-    for literal, field, spec, _conv in string.Formatter().parse(template):
-        parts.append(re.escape(literal))
-        if field is not None:
-            parts.append(r"[^/]+?" if spec else _macro_pattern(field, feed_id, segments))
-    data = "".join(parts)
-    folder_t = template.rpartition("/")[0]
-    folder = ""
-    if folder_t:
-        fparts = []
-        for literal, field, spec, _conv in string.Formatter().parse(folder_t):
-            fparts.append(re.escape(literal))
-            if field is not None:
-                fparts.append(r"[^/]+?" if spec else _macro_pattern(field, feed_id, segments))
-        folder = "".join(fparts) + "/"
-    return re.compile(f"(?:{data}|{folder}{_BATCH_ID}\\.manifest\\.json)")
-
-
-def listing_prefixes(template: str, feed_id: str, segments: list[str]) -> list[str]:
-    """Where to list: the template's leading literals and feed/segment macros, one prefix per segment."""
-    out = set()
-    for seg in segments or [""]:
-        prefix = []
-        for literal, field, spec, _conv in string.Formatter().parse(template):
-            prefix.append(literal)
-            if field is None:
-                continue
-            if field in _PREFIX_MACROS and not spec and (field != "segment_id" or seg):
-                prefix.append(feed_id if field == "feed_id" else seg)
-                continue
-            break
-        out.add("".join(prefix))
-    # a prefix inside another is listed with it
-    return sorted(p for p in out if not any(q != p and p.startswith(q) for q in out))
-
-
-def _known_names(root: Path, partitions: list[Partition]) -> tuple[set[str], set[str]]:
-    """(names the ledgers list, names of rolls in flight: rolling/ or failed/). In-flight first: a roll moves from
-    rolling/ to the ledger, never back, so reading in this order never misses one that moves meanwhile."""
-    from pipeline.ledger import FAILED, ROLLING, Ledger, partition_dir, read_json
-
-    in_flight: set[str] = set()
-    listed: set[str] = set()
-    for p in partitions:
-        pdir = partition_dir(root, p)
-        for state in (ROLLING, FAILED):
-            try:
-                rolls = os.listdir(pdir / state)
-            except FileNotFoundError:
-                continue
-            for roll in rolls:
-                try:
-                    enc = read_json(pdir / state / roll / "encoded.json")
-                except (OSError, ValueError):
-                    continue
-                in_flight.update(f["name"] for f in enc.get("files", []))
-                if enc.get("manifest"):
-                    in_flight.add(enc["manifest"]["name"])
-    for p in partitions:
-        for e in Ledger(partition_dir(root, p)).entries():
-            listed.update(f["name"] for f in e.files)
-            if e.manifest:
-                listed.add(e.manifest["name"])
-    return listed, in_flight
-
-
-@app.command()
-def verify(feed: str | None = typer.Option(None, help="only this feed"),
-           deep: bool = typer.Option(True, help="download each file and compare its sha256 (--no-deep: sizes)"),
-           allow_extra: bool = typer.Option(False, "--allow-extra",
-                                            help="report extra objects without failing the exit code"),
-           as_json: bool = typer.Option(False, "--json")) -> None:
-    """Compare the ledger and manifests with the destination.
-
-    Problems: missing (a file the ledger lists is not at the destination), size mismatch, checksum mismatch, manifest disagreement, extra (an object named like this feed's files, by its file_name_template and segments or as a batch manifest, that no ledger entry lists and no roll in progress or in failed/ holds), unreachable destination, feed without configuration.
-
-    Exit code 0: no problem. Exit code 1: any problem, extra objects included, because under the feed's own naming an unlisted object is a duplicate publish or a lost (or pruned) ledger entry that an operator must look at. With --allow-extra, extras are reported but do not fail (a destination shared with another feed with the same template and segments, or ledger entries pruned on purpose).
-    """
-    from pipeline.delivery import POOL
-    from pipeline.ledger import Ledger, partition_dir
-    from sinks import SinkError
-
-    settings = _settings()
-    root = Path(settings.staging_dir)
-    parts = _all_partitions(settings, feed)
-    props, problems = _props_by_feed(settings, {p.feed_id for p in parts})
-    found: list[dict[str, Any]] = [{"feed_id": f, "problem": "no configuration", "detail": why}
-                                   for f, why in problems.items()]
-    checked = 0
-    listed_objects = 0
-    started = time.monotonic()
-    by_feed: dict[str, list[Partition]] = {}
-    for p in parts:
-        by_feed.setdefault(p.feed_id, []).append(p)
-    for feed_id, fparts in sorted(by_feed.items()):
-        if feed_id not in props:
-            continue
-        fprops = props[feed_id]
-        try:
-            with POOL.sink(fprops) as sink:
-                for p in fparts:
-                    for e in Ledger(partition_dir(root, p)).entries():
-                        files = list(e.files) + ([e.manifest] if e.manifest else [])
-                        for f in files:
-                            checked += 1
-                            where = {"feed_id": feed_id, "partition": str(p), "roll_id": e.roll_id,
-                                     "name": f["name"]}
-                            obj = sink.stat(f["name"])
-                            if obj is None:
-                                found.append({**where, "problem": "missing"})
-                                continue
-                            if f.get("bytes") is not None and obj.size != f["bytes"]:
-                                found.append({**where, "problem": "size mismatch", "expected": f["bytes"],
-                                              "found": obj.size})
-                                continue
-                            if not (deep and f.get("sha256")):
-                                continue
-                            data = sink.read(f["name"])
-                            if _sha256(data) != f["sha256"]:
-                                found.append({**where, "problem": "checksum mismatch"})
-                            elif f is e.manifest:
-                                try:
-                                    listed = {x["name"]: x for x in json.loads(data).get("files", [])}
-                                except (ValueError, AttributeError, KeyError, TypeError):
-                                    listed = {}
-                                for df in e.files:
-                                    if listed.get(df["name"], {}).get("sha256") != df.get("sha256"):
-                                        found.append({**where, "problem": f"manifest disagrees on {df['name']}"})
-                # extra: objects under the feed's naming that no ledger entry lists
-                segments = sorted({p.segment_id for p in fparts})
-                pattern = naming_pattern(fprops.file_name_template, feed_id, segments)
-                known, in_flight = _known_names(root, fparts)
-                candidates: dict[str, int] = {}
-                for prefix in listing_prefixes(fprops.file_name_template, feed_id, segments):
-                    for obj in sink.list(prefix):
-                        listed_objects += 1
-                        if obj.name not in known and obj.name not in in_flight and pattern.fullmatch(obj.name):
-                            candidates[obj.name] = obj.size
-                if candidates:  # rolls may have finished while we listed: look at the ledger again
-                    known, in_flight = _known_names(root, fparts)
-                for name, size in sorted(candidates.items()):
-                    if name not in known and name not in in_flight:
-                        found.append({"feed_id": feed_id, "name": name, "problem": "extra", "found": size})
-        except SinkError as e:
-            found.append({"feed_id": feed_id, "problem": "destination unreachable", "detail": str(e),
-                          "kind": e.kind})
-    POOL.close()
-    failing = [f for f in found if not (allow_extra and f["problem"] == "extra")]
-    result = {"checked": checked, "listed": listed_objects, "problems": found, "ok": not failing,
-              "seconds": round(time.monotonic() - started, 2)}
-    if as_json:
-        _print_json(result)
-    else:
-        for pr in found:
-            color = "red" if pr in failing else "yellow"
-            name = pr.get("name") or pr.get("feed_id")
-            detail = {k: v for k, v in pr.items() if k not in ("problem", "name")}
-            out.print(f"[{color}]{escape(pr['problem'])}: {escape(str(name))}[/{color}] {escape(str(detail))}")
-        out.print(f"verified {checked} files ({listed_objects} objects listed): {len(found)} problems"
-                  + (" (extras allowed)" if allow_extra and len(failing) != len(found) else ""))
-    if failing:
         raise typer.Exit(1)

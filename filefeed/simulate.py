@@ -67,6 +67,24 @@ def user_identifiers(i: int, rng: random.Random) -> list[dict[str, Any]]:
     return ids
 
 
+class NoPlugin(Exception):
+    """Nothing usable answers at the URL: no server listening, or not a filefeed."""
+
+
+async def _lifecycle_call(client: httpx.AsyncClient, route: str, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        r = await client.post(f"/v1/{route}", content=orjson.dumps(body), timeout=30)
+        answer = r.json()
+    except httpx.HTTPError as e:
+        raise NoPlugin(f"no filefeed answers at {client.base_url} ({type(e).__name__}: {e or 'no answer'})") from None
+    except ValueError:
+        raise NoPlugin(f"{client.base_url}/v1/{route} answered HTTP {r.status_code} that is not JSON: "
+                       "is it a filefeed?") from None
+    if not isinstance(answer, dict):
+        raise NoPlugin(f"{client.base_url}/v1/{route} answered JSON that is not an object: is it a filefeed?")
+    return {"code": r.status_code, **answer}
+
+
 async def simulate(base_url: str, *, feed_id: str = "42", segment_id: str = "451256", datamart_id: str = "1023",
                    users: int = 1000, delete_ratio: float = 0.0, batch_size: int = 1000, concurrency: int = 32,
                    seed: int = 1, progress: Callable[[int], None] | None = None) -> SimulationReport:
@@ -79,10 +97,8 @@ async def simulate(base_url: str, *, feed_id: str = "42", segment_id: str = "451
     started = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits, trust_env=False) as client:
-        r = await client.post("/v1/external_segment_creation", content=orjson.dumps(base))
-        report.creation = {"code": r.status_code, **r.json()}
-        r = await client.post("/v1/external_segment_connection", content=orjson.dumps(base))
-        report.connection = {"code": r.status_code, **r.json()}
+        report.creation = await _lifecycle_call(client, "external_segment_creation", base)
+        report.connection = await _lifecycle_call(client, "external_segment_connection", base)
         if report.creation.get("status") != "ok":
             report.errors.append(f"creation failed: {report.creation.get('message')}")
             return report

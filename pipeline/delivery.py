@@ -75,6 +75,14 @@ def record_error(root: Path, partition: Partition, outcome: RollOutcome) -> None
         log.warning("could not record the last error of %s: %s", partition, e.strerror or e)
 
 
+def clear_error(root: Path, partition: Partition) -> None:
+    """The partition delivered again: its last error is history (status and troubleshoot stop showing it)."""
+    try:
+        (partition_dir(root, partition) / LAST_ERROR).unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not clear the last error of %s: %s", partition, e.strerror or e)
+
+
 def roll(root: Path, partition: Partition, props: FeedProperties, *, wait_seconds: float = 0.0,
          pool: SinkPool = POOL) -> RollOutcome:
     """Resume unfinished rolls of the partition, then roll and publish everything sealed; metrics and a log line."""
@@ -100,6 +108,7 @@ def roll(root: Path, partition: Partition, props: FeedProperties, *, wait_second
                     extra={"feed_id": partition.feed_id, "segment_id": partition.segment_id,
                            "outcome": outcome.status, "error_class": outcome.error_kind})
     elif outcome.status == "published":
+        clear_error(root, partition)
         log.info("roll of %s: published %d rows in %d files in %.2fs", partition, outcome.rows, len(outcome.files),
                  seconds, extra={"feed_id": partition.feed_id, "segment_id": partition.segment_id,
                                  "outcome": "published", "rows": outcome.rows, "files": len(outcome.files)})

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from config.feed import TEMPLATE_MACROS
-from pipeline.model import Partition
+from pipeline.model import OPERATIONS, Partition
 
 MAX_NAME_LENGTH = 1024
 # Values that come from row data (datamart_id) are reduced to this alphabet so they cannot add path segments.
@@ -107,3 +107,57 @@ def check_name(name: str) -> str:
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
         raise UnsafeNameError("rendered file name contains control characters")
     return name
+
+
+# -- the grammar of rendered names, for `filefeed verify` to recognise this feed's objects ---------------------------
+# What each macro of NameContext.values renders to; a macro added there without a pattern here matches one segment.
+BATCH_ID_PATTERN = r"\d{8}T\d{6}-[0-9a-f]{10}"  # rollover.make_roll_id
+MACRO_PATTERNS = {
+    "feed_id": r"[^/]+",
+    "segment_id": r"[A-Za-z0-9_-]+",
+    "operation": "(?:" + "|".join(OPERATIONS) + ")",
+    "datamart_id": r"[A-Za-z0-9_.-]+",  # safe_value's alphabet
+    "date": r"\d{8}",
+    "time": r"\d{6}",
+    "batch_id": BATCH_ID_PATTERN,
+    "part": r"\d{5,}",
+    "ext": r"[A-Za-z0-9.]+",
+    "format": "(?:csv|parquet)",
+}
+
+
+def _template_pattern(template: str, fixed: dict[str, list[str]]) -> str:
+    parts: list[str] = []
+    for literal, field, spec, _conv in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is None:
+            continue
+        if spec:  # a format spec reshapes the value: any text within one segment
+            parts.append(r"[^/]+?")
+        elif fixed.get(field):
+            parts.append("(?:" + "|".join(re.escape(v) for v in fixed[field]) + ")")
+        else:
+            parts.append(MACRO_PATTERNS.get(field, r"[^/]+"))
+    return "".join(parts)
+
+
+def name_pattern(template: str, fixed: dict[str, list[str]]) -> re.Pattern[str]:
+    """A regex matching every data file and manifest `template` renders, macros in `fixed` limited to its values
+    (e.g. {"feed_id": ["42"], "segment_id": ["451256"]})."""
+    folder = template.rpartition("/")[0]
+    folder_re = _template_pattern(folder, fixed) + "/" if folder else ""
+    return re.compile(f"(?:{_template_pattern(template, fixed)}|{folder_re}{BATCH_ID_PATTERN}\\.manifest\\.json)")
+
+
+def listing_prefixes(template: str, fixed: dict[str, str]) -> list[str]:
+    """Where the names of one partition can be listed: the template's leading literals and the macros in `fixed`."""
+    prefix: list[str] = []
+    for literal, field, spec, _conv in string.Formatter().parse(template):
+        prefix.append(literal)
+        if field is None:
+            continue
+        if field in fixed and fixed[field] and not spec:
+            prefix.append(fixed[field])
+            continue
+        break
+    return ["".join(prefix)]

@@ -156,6 +156,7 @@ def destination_audience(staging: Staging, ctx: FeedContext, segment_id: Any = N
         "file_format": props.file_format if props else None,
         "compression": props.compression if props else None,
         "configuration_problems": list(ctx.error.problems) if ctx.error else [],
+        "configuration_warnings": list(ctx.warnings),
         "staged_rows": sum(r["staged_rows"] for _, r in reports),
         "delivered_rows": sum(r["delivered_rows"] for _, r in reports),
         "rows_by_operation": by_op,

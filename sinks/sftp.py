@@ -2,7 +2,7 @@
 
 Host key verification is mandatory. The server's key must match `sftp_host_key` (one or more OpenSSH public key
 lines such as `ssh-ed25519 AAAA...`, known_hosts lines, or `SHA256:...` fingerprints) or an entry of the known_hosts
-file named by the environment variable FILEFEED_SFTP_KNOWN_HOSTS. With neither, or on a mismatch, the sink refuses to
+file named by the service setting FILEFEED_SFTP_KNOWN_HOSTS (environment or FILEFEED_CONFIG). With neither, or on a mismatch, the sink refuses to
 connect (TerminalError, kind "host_key"); it never accepts an unknown key, and it checks the key before sending any
 credential.
 
@@ -30,7 +30,6 @@ import binascii
 import errno
 import hashlib
 import io
-import os
 import posixpath
 import socket
 import stat as stat_mod
@@ -65,6 +64,14 @@ _KEY_ALGOS = {
     "ecdsa-sha2-nistp521": ["ecdsa-sha2-nistp521"],
     "ssh-rsa": ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"],
 }
+
+
+def known_hosts_file() -> Path | None:
+    """The FILEFEED_SFTP_KNOWN_HOSTS setting of this process (a sink is opened from feed properties alone)."""
+    from config.settings import active_settings
+
+    settings = active_settings()
+    return settings.sftp_known_hosts if settings is not None else None
 
 
 def fingerprint(key_blob: bytes) -> str:
@@ -177,7 +184,7 @@ class SFTPSink(Sink):
         d = self.destination
         if self.props.sftp_host_key and self.props.sftp_host_key.strip():
             return parse_host_key_pins(self.props.sftp_host_key)
-        path = os.environ.get(KNOWN_HOSTS_ENV)
+        path = known_hosts_file()
         if path:
             try:
                 hk = paramiko.HostKeys(path)
@@ -447,6 +454,18 @@ class SFTPSink(Sink):
         except Exception as e:
             raise self._fail(e, f"listing {self.destination.uri}") from None
         yield from sorted(found, key=lambda o: o.name)
+
+    def open_read(self, name: str) -> Any:
+        """A seekable file object reading `name` (prefetched), on this sink's host-key-checked connection."""
+        path = self._remote(name)
+        try:
+            f = self._connect().open(path, "rb")
+            f.prefetch()
+            return f
+        except SinkError:
+            raise
+        except Exception as e:
+            raise self._fail(e, f"reading {self.url(name)}") from None
 
     def read(self, name: str) -> bytes:
         path = self._remote(name)

@@ -247,19 +247,21 @@ def test_sftp_wrong_host_key_is_refused(servers: dict[str, str], unique_prefix: 
         assert e.value.kind == "host_key"
 
 
-def test_sftp_host_key_by_fingerprint_and_known_hosts_env(
+def test_sftp_host_key_by_fingerprint_and_known_hosts_setting(
     servers: dict[str, str], unique_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from config import settings as settings_mod
     out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", servers["SFTP_KNOWN_HOSTS"]],
                          capture_output=True, text=True, check=True).stdout
     fp = next(tok for tok in out.split() if tok.startswith("SHA256:"))
     with open_sink(sink_props("sftp", servers, unique_prefix, sftp_host_key=fp)) as s:
         s.check()
-    # no pin in the properties: the known_hosts file named by the environment decides; neither: refused
-    monkeypatch.setenv("FILEFEED_SFTP_KNOWN_HOSTS", servers["SFTP_KNOWN_HOSTS"])
+    # no pin in the properties: the known_hosts file of the service settings decides; neither: refused
+    monkeypatch.setattr(settings_mod, "_active", None)
+    settings_mod.load_settings(feeds=Path("config/feeds.toml"), sftp_known_hosts=Path(servers["SFTP_KNOWN_HOSTS"]))
     with open_sink(sink_props("sftp", servers, unique_prefix, sftp_host_key=None)) as s:
         s.check()
-    monkeypatch.delenv("FILEFEED_SFTP_KNOWN_HOSTS")
+    monkeypatch.setattr(settings_mod, "_active", None)
     with open_sink(sink_props("sftp", servers, unique_prefix, sftp_host_key=None)) as s, \
             pytest.raises(TerminalError) as e:
         s.check()

@@ -1,0 +1,184 @@
+"""`filefeed verify`: compare the ledger and manifests with what the destination holds.
+
+Each ledger entry's files are looked up (size), and with --deep (the default) their bytes hashed as they stream
+from the destination through smart-open (`filefeed/remote.py`); objects named by the feed's file_name_template
+(the grammar of `pipeline/naming.py`) that no ledger entry lists are extras.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+
+from filefeed.cli_base import app, out, plural, print_json
+from filefeed.cli_base import settings as checked_settings
+from filefeed.ops_cli import _all_partitions, _props_by_feed
+from pipeline.model import Partition
+
+
+def _prefixes(template: str, feed_id: str, segments: list[str]) -> list[str]:
+    """Where to list: one prefix per segment; a prefix inside another is listed with it."""
+    from pipeline.naming import listing_prefixes
+
+    found = {p for seg in segments or [""] for p in listing_prefixes(template, {"feed_id": feed_id,
+                                                                               "segment_id": seg})}
+    return sorted(p for p in found if not any(q != p and p.startswith(q) for q in found))
+
+
+def problem_line(pr: dict[str, Any]) -> str:
+    """One readable line per problem: what, which object (feed, partition, roll), the figures."""
+    where = ", ".join(f"{k} {pr[k]}" for k in ("feed_id", "partition", "roll_id") if pr.get(k))
+    where = where.replace("feed_id", "feed").replace("roll_id", "roll")
+    name = pr.get("name")
+    head = f"{pr['problem']}: {name} ({where})" if name else f"{pr['problem']}: {where}"
+    if pr["problem"] == "size mismatch":
+        return f"{head}: the ledger says {pr['expected']:,} bytes, the destination holds {pr['found']:,}"
+    if pr["problem"] == "extra":
+        return (f"{head}: {pr['found']:,} bytes that no ledger entry lists (a duplicate publish or a lost ledger "
+                "entry: look at it; --allow-extra if another writer shares the destination)")
+    if pr["problem"] == "destination unreachable":
+        return f"{head}: {pr.get('detail')} ({pr.get('kind')})"
+    if pr.get("detail"):
+        return f"{head}: {pr['detail']}"
+    return head
+
+
+def _known_names(root: Path, partitions: list[Partition]) -> tuple[set[str], set[str]]:
+    """(names the ledgers list, names of rolls in flight: rolling/ or failed/). In-flight first: a roll moves from
+    rolling/ to the ledger, never back, so reading in this order never misses one that moves meanwhile."""
+    from pipeline.ledger import FAILED, ROLLING, Ledger, partition_dir, read_json
+
+    in_flight: set[str] = set()
+    listed: set[str] = set()
+    for p in partitions:
+        pdir = partition_dir(root, p)
+        for state in (ROLLING, FAILED):
+            try:
+                rolls = os.listdir(pdir / state)
+            except FileNotFoundError:
+                continue
+            for roll in rolls:
+                try:
+                    enc = read_json(pdir / state / roll / "encoded.json")
+                except (OSError, ValueError):
+                    continue
+                in_flight.update(f["name"] for f in enc.get("files", []))
+                if enc.get("manifest"):
+                    in_flight.add(enc["manifest"]["name"])
+    for p in partitions:
+        for e in Ledger(partition_dir(root, p)).entries():
+            listed.update(f["name"] for f in e.files)
+            if e.manifest:
+                listed.add(e.manifest["name"])
+    return listed, in_flight
+
+
+@app.command()
+def verify(feed: str | None = typer.Option(None, help="only this feed"),
+           deep: bool = typer.Option(True, help="download each file and compare its sha256 (--no-deep: sizes)"),
+           allow_extra: bool = typer.Option(False, "--allow-extra",
+                                            help="report extra objects without failing the exit code"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Compare the ledger and manifests with the destination.
+
+    Problems: missing (a file the ledger lists is not at the destination), size mismatch, checksum mismatch, manifest disagreement, extra (an object named like this feed's files, by its file_name_template and segments or as a batch manifest, that no ledger entry lists and no roll in progress or in failed/ holds), unreachable destination, feed without configuration.
+
+    Exit code 0: no problem. Exit code 1: any problem, extra objects included, because under the feed's own naming an unlisted object is a duplicate publish or a lost (or pruned) ledger entry that an operator must look at. With --allow-extra, extras are reported but do not fail (a destination shared with another feed with the same template and segments, or ledger entries pruned on purpose).
+    """
+    from filefeed.remote import sha256_of
+    from pipeline.delivery import POOL
+    from pipeline.ledger import Ledger, partition_dir
+    from pipeline.naming import name_pattern
+    from sinks import SinkError
+
+    settings = checked_settings()
+    root = Path(settings.staging_dir)
+    parts = _all_partitions(settings, feed)
+    props, problems = _props_by_feed(settings, {p.feed_id for p in parts})
+    found: list[dict[str, Any]] = [{"feed_id": f, "problem": "no configuration", "detail": why}
+                                   for f, why in problems.items()]
+    checked = 0
+    listed_objects = 0
+    started = time.monotonic()
+    by_feed: dict[str, list[Partition]] = {}
+    for p in parts:
+        by_feed.setdefault(p.feed_id, []).append(p)
+    for feed_id, fparts in sorted(by_feed.items()):
+        if feed_id not in props:
+            continue
+        fprops = props[feed_id]
+        try:
+            with POOL.sink(fprops) as sink:
+                for p in fparts:
+                    for e in Ledger(partition_dir(root, p)).entries():
+                        files = list(e.files) + ([e.manifest] if e.manifest else [])
+                        for f in files:
+                            checked += 1
+                            where = {"feed_id": feed_id, "partition": str(p), "roll_id": e.roll_id,
+                                     "name": f["name"]}
+                            obj = sink.stat(f["name"])
+                            if obj is None:
+                                found.append({**where, "problem": "missing"})
+                                continue
+                            if f.get("bytes") is not None and obj.size != f["bytes"]:
+                                found.append({**where, "problem": "size mismatch", "expected": f["bytes"],
+                                              "found": obj.size})
+                                continue
+                            if not (deep and f.get("sha256")):
+                                continue
+                            if f is e.manifest:  # small: read whole, its listing is checked too
+                                data = sink.read(f["name"])
+                                digest = hashlib.sha256(data).hexdigest()
+                            else:  # streamed through smart-open, never whole in memory
+                                digest = sha256_of(sink, f["name"])
+                            if digest != f["sha256"]:
+                                found.append({**where, "problem": "checksum mismatch"})
+                            elif f is e.manifest:
+                                try:
+                                    listed = {x["name"]: x for x in json.loads(data).get("files", [])}
+                                except (ValueError, AttributeError, KeyError, TypeError):
+                                    listed = {}
+                                for df in e.files:
+                                    if listed.get(df["name"], {}).get("sha256") != df.get("sha256"):
+                                        found.append({**where, "problem": f"manifest disagrees on {df['name']}"})
+                # extra: objects under the feed's naming that no ledger entry lists
+                segments = sorted({p.segment_id for p in fparts})
+                template = fprops.file_name_template
+                pattern = name_pattern(template, {"feed_id": [feed_id], "segment_id": segments})
+                known, in_flight = _known_names(root, fparts)
+                candidates: dict[str, int] = {}
+                for prefix in _prefixes(template, feed_id, segments):
+                    for obj in sink.list(prefix):
+                        listed_objects += 1
+                        if obj.name not in known and obj.name not in in_flight and pattern.fullmatch(obj.name):
+                            candidates[obj.name] = obj.size
+                if candidates:  # rolls may have finished while we listed: look at the ledger again
+                    known, in_flight = _known_names(root, fparts)
+                for name, size in sorted(candidates.items()):
+                    if name not in known and name not in in_flight:
+                        found.append({"feed_id": feed_id, "name": name, "problem": "extra", "found": size})
+        except SinkError as e:
+            found.append({"feed_id": feed_id, "problem": "destination unreachable", "detail": str(e),
+                          "kind": e.kind})
+    POOL.close()
+    failing = [f for f in found if not (allow_extra and f["problem"] == "extra")]
+    result = {"checked": checked, "listed": listed_objects, "problems": found, "ok": not failing,
+              "seconds": round(time.monotonic() - started, 2)}
+    if as_json:
+        print_json(result)
+    else:
+        for pr in found:
+            color = "red" if pr in failing else "yellow"
+            out.print(f"[{color}]{escape(problem_line(pr))}[/{color}]")
+        out.print(f"verified {plural(checked, 'file')} ({plural(listed_objects, 'object')} listed): "
+                  f"{plural(len(found), 'problem')}"
+                  + (" (extras allowed)" if allow_extra and len(failing) != len(found) else ""))
+    if failing:
+        raise typer.Exit(1)

@@ -15,11 +15,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich import box
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -102,13 +104,24 @@ def _when(iso: str | None) -> str:
     return "-" if not iso else iso[:16].replace("T", " ")
 
 
-# (header, value) per column; the compact set fits 80 columns with 7-digit row counts.
+# The compact set fits 80 columns with 7-digit row counts and 20-character partitions; --wide has every column.
 _COMPACT = ("partition", "staged rows", "oldest staged", "pending rolls", "failed rolls", "delivered rows",
-            "last delivery (UTC)")
+            "last delivery")
 _WIDE = ("partition", "staged rows", "staged bytes", "oldest staged", "pending rolls", "failed rolls",
-         "delivered rows", "delivered files", "last delivery (UTC)", "rows in last delivery", "last file")
+         "delivered rows", "delivered files", "delivered bytes", "last delivery (UTC)", "rows in last delivery",
+         "last file")
 _NUMERIC = {"staged rows", "staged bytes", "pending rolls", "failed rolls", "delivered rows", "delivered files",
-            "rows in last delivery"}
+            "delivered bytes", "rows in last delivery"}
+
+
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    try:
+        then = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso[:16]
+    return _age(max(0.0, time.time() - then.timestamp())) + " ago"
 
 
 def _cells(r: dict[str, Any]) -> dict[str, str]:
@@ -118,23 +131,24 @@ def _cells(r: dict[str, Any]) -> dict[str, str]:
         "staged rows": f"{r['staged_rows']:,}", "staged bytes": f"{r['staged_bytes']:,}",
         "oldest staged": _age(r["oldest_staged_age_seconds"]), "pending rolls": str(r["pending_rolls"]),
         "failed rolls": str(len(r["failed_rolls"])), "delivered rows": f"{r['delivered_rows']:,}",
-        "delivered files": f"{r['delivered_files']:,}",
+        "delivered files": f"{r['delivered_files']:,}", "delivered bytes": f"{r.get('delivered_bytes', 0):,}",
+        "last delivery": _ago(last and last["published_at"]),
         "last delivery (UTC)": _when(last and last["published_at"]),
         "rows in last delivery": "-" if not last else f"{last['rows']:,}",
         "last file": "-" if not last else (last["files"] or ["-"])[-1],
     }
 
 
-def status_table(rows: list[dict[str, Any]], title: str, wide: bool) -> Table:
-    """The partitions as a table whose cells are never cut: each column is at least as wide as its longest cell,
-    headers wrap on spaces instead."""
+def status_table(rows: list[dict[str, Any]], wide: bool) -> Table:
+    """The partitions as a table whose cells are never cut: each column is at least as wide as its longest cell;
+    headers take two lines instead."""
     columns = _WIDE if wide else _COMPACT
     cells = [_cells(r) for r in rows]
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in columns:
         longest = max([len(c[col]) for c in cells] + [max(len(w) for w in col.split())])
-        table.add_column(col, justify="right" if col in _NUMERIC else "left", min_width=longest,
-                         no_wrap=col != "last file", overflow="fold")
+        table.add_column(col.replace(" ", "\n", 1), justify="right" if col in _NUMERIC else "left",
+                         min_width=longest, no_wrap=True)
     for c in cells:
         table.add_row(*(escape(c[col]) for col in columns))
     return table
@@ -164,20 +178,24 @@ def status(feed: str | None = typer.Option(None, help="only this feed"),
         return
     free = "-" if disk_free is None else f"{disk_free / 2**30:,.1f} GiB"
     if not rows:
-        out.print(f"nothing staged or delivered yet in {escape(str(root.resolve()))} (disk free {free})")
+        out.print(f"nothing staged or delivered yet in {escape(str(root.resolve()))} (disk free {free})",
+                  soft_wrap=True)
         return
-    out.print(status_table(rows, f"filefeed status: {escape(str(root.resolve()))} (disk free {free})", wide))
+    out.print(f"[bold]filefeed status[/bold]: {escape(str(root.resolve()))} (disk free {free})", soft_wrap=True)
+    # --wide is every column whatever the terminal's width: the terminal wraps the lines, no cell is cut
+    (Console(width=10_000, highlight=False, force_terminal=out.is_terminal) if wide else out).print(
+        status_table(rows, wide))
     for r in rows:
         where, feed_id = f"{r['feed_id']}/{r['segment_id']}/{r['operation']}", r["feed_id"]
         for f in r["failed_rolls"]:
             line = error_line(f"failed roll {where} {f['roll_id']}", f,
                               f"fix the cause, then `filefeed retry --feed {feed_id}`")
-            out.print(f"[red]{escape(line)}[/red]")
+            out.print(f"[red]{escape(line)}[/red]", soft_wrap=True)
         e = r["last_error"]
         if e and not r["failed_rolls"]:  # a failed roll already says it
             line = error_line(f"last error {where} at {_when(e.get('time'))}", e,
                               f"the next roll retries it; `filefeed flush --feed {feed_id}` tries now")
-            out.print(f"[yellow]{escape(line)}[/yellow]")
+            out.print(f"[yellow]{escape(line)}[/yellow]", soft_wrap=True)
 
 
 def _segment_rows(path: Path, limit: int, prefix: tuple = ()) -> Iterator[tuple]:

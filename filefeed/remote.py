@@ -6,6 +6,9 @@ chosen from the name. SFTP is the exception for the transport only: smart-open's
 host key and records it (paramiko's AutoAddPolicy), which filefeed never does, so the bytes come from the SFTP sink's
 host-key-checked connection and smart-open decompresses them.
 
+smart-open decompresses zstd with `backports.zstd` before Python 3.14; filefeed already writes zstd with `zstandard`,
+so `.zst` is registered to a zstandard reader instead of adding a second zstd library.
+
 `inspect` reads a delivered file's rows through it; `verify --deep` hashes the raw bytes through it, a chunk at a
 time, so a large object never sits in memory whole.
 """
@@ -24,6 +27,23 @@ from sinks import SinkError, TerminalError, TransientError
 
 CHUNK = 1 << 20
 DATA_SUFFIXES = (".csv", ".csv.gz", ".csv.zst", ".parquet")
+
+
+def _zstd_reader(file_obj: IO[bytes], mode: str, **_kw: Any) -> IO[bytes]:
+    import io
+
+    import zstandard
+
+    if "r" not in mode:
+        raise ValueError("filefeed reads .zst through smart-open, it never writes it there")
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(file_obj, closefd=True))
+
+
+def _smart_open() -> Any:
+    import smart_open
+
+    smart_open.register_compressor(".zst", _zstd_reader)
+    return smart_open
 
 
 def name_in(dest: Destination, url: str) -> str | None:
@@ -63,9 +83,9 @@ def _compression(name: str, decompress: bool) -> str:
 def open_delivered(sink: Any, name: str, *, decompress: bool = True) -> Iterator[IO[bytes]]:
     """A binary stream of the published object `name` (decompressed by its extension unless `decompress=False`).
     Errors are SinkErrors (transient: the destination is not reachable; terminal: missing, refused)."""
-    import smart_open
     from smart_open.compression import compression_wrapper
 
+    smart_open = _smart_open()
     scheme = sink.destination.scheme
     compression = _compression(name, decompress)
     try:
@@ -90,13 +110,13 @@ def open_delivered(sink: Any, name: str, *, decompress: bool = True) -> Iterator
 @contextmanager
 def open_local(path: str) -> Iterator[IO[bytes]]:
     """A local delivered file, decompressed by its extension: the same reader as a remote one."""
-    import smart_open
-
-    with smart_open.open(path, "rb", compression=_compression(path, True)) as f:
+    with _smart_open().open(path, "rb", compression=_compression(path, True)) as f:
         yield f
 
 
 def _classify(e: BaseException, url: str) -> SinkError:
+    if isinstance(e, ImportError):
+        return TerminalError(f"{url}: cannot read it: {e} (pip install the missing module)", kind="config")
     text = f"{type(e).__name__}: {e}"
     if any(s in text for s in ("NoSuchKey", "404", "Not Found", "not found", "No such file")):
         return TerminalError(f"{url}: not found", kind="not_found")

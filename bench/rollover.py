@@ -7,11 +7,11 @@ segments of several writers), then for each case:
   * roll: a fresh child process hard-links the staged segments into its own staging root and runs roll_partition
     (read journal -> encode -> publish to a local folder -> ledger); rows/s over the roll, peak RSS from VmHWM;
   * raw: a child process loads the same rows into a pyarrow Table first (not timed), then times only the write, as
-    environment.md's baselines do: CSVWriter into isal igzip level 1 (one core) / CSVWriter into Arrow's zstd stream
+    the machine's reference baselines: CSVWriter into isal igzip level 1 (one core) / CSVWriter into Arrow's zstd stream
     / pq.write_table zstd. The ratio roll/raw is what the targets are about.
   * raw-mt (CSV only, for information): the same direct write with the roll's own codec threads (isal's threaded
     igzip, zstandard with 2 threads). A roll compresses on both cores; this shows what its journal read still costs.
-The ratios are what to compare across runs (environment.md: absolute figures vary about +-30 %).
+The ratios are what to compare across runs (on a shared machine absolute figures vary by about +-30 %).
 Targets: CSV+gzip >= 1.5 M rows/s, Parquet+zstd >= 1.2 M rows/s, each >= 70 % of raw, peak RSS < 300 MB.
 """
 

@@ -1,7 +1,7 @@
 """The mediarithmics plugin wire contract: status -> HTTP code per route, response shapes, body parsing.
 
-Everything here comes from ../shared/reference/protocol.md (the official Node SDK's behaviour); routes use only these
-helpers so a status can never reach the platform with the wrong code.
+Everything here follows the official Node SDK (@mediarithmics/plugins-nodejs-sdk): its route table, status codes and
+response shapes; routes use only these helpers so a status can never reach the platform with the wrong code.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 MAX_BODY_BYTES = 12 * 1024 * 1024  # the SDK's limit since v0.40.1
 
-# handler status -> HTTP code, per route (protocol.md section 2). Anything unlisted -> 500.
+# handler status -> HTTP code, per route, as the SDK maps them. Anything unlisted -> 500.
 STATUS_CODES: dict[str, dict[str, int]] = {
     "external_segment_creation": {"ok": 200},
     "external_segment_connection": {"ok": 200, "error": 500, "external_segment_not_ready_yet": 502},

@@ -423,7 +423,7 @@ class _Rechunker:
 class _GzipStream:
     """gzip through isal in pigz style: 256 KiB blocks deflated on two threads, each primed with the previous block's
     last 32 KiB, written in order. The header has mtime 0 and no file name, so bytes depend on the data only.
-    Never Arrow's own gzip stream: it is about 15x slower (environment.md)."""
+    Never Arrow's own gzip stream: it was about 15x slower on this project's benchmark machine (bench/rollover.py)."""
 
     def __init__(self, target: _DigestFile):
         self._gz = igzip_threaded.open(

@@ -2,7 +2,7 @@
 
 Every value comes from the roll (its id and planned time, fixed in plan.json) or the partition, never from the clock
 at publish time: a roll resumed after a crash renders exactly the same names, which is what makes publishing
-idempotent (field-notes (b)4-5).
+idempotent, as Kafka Connect's S3 sink does by naming files from the data's own offsets.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ LEASE_NAME = "lease"
 LEASE_HEARTBEAT_SECONDS = 2.0
 LEASE_STALE_SECONDS = 600.0
 # Errors nobody classified (bugs, corrupt data, surprises in a client library) are retried this many runs of the
-# roll, then the roll goes to failed/ (design-notes.md, Errors).
+# roll, then the roll goes to failed/ where `filefeed retry` finds it.
 MAX_UNKNOWN_ATTEMPTS = 5
 MAX_ERROR_MESSAGE = 500
 # Journal bytes parsed per batch: 2 MiB reads as fast as 8 MiB and keeps about 80 MB less resident (bench).

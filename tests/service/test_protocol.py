@@ -1,4 +1,4 @@
-"""Conformance: every route over real HTTP against `filefeed serve`, status codes and bodies as protocol.md says."""
+"""Conformance: every route over real HTTP against `filefeed serve`, status codes and bodies as the official SDK answers them."""
 
 from __future__ import annotations
 

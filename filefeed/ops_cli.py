@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich import box
@@ -28,7 +28,9 @@ from rich.table import Table
 
 from filefeed.cli_base import EXIT_CONFIG, OperatorError, app, err, out, plural, print_json
 from filefeed.cli_base import settings as checked_settings
-from pipeline.model import Partition
+
+if TYPE_CHECKING:  # the command line starts without pyarrow; the commands that need it import it
+    from pipeline.model import Partition
 
 
 @contextmanager

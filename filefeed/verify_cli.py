@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
@@ -20,7 +20,9 @@ from rich.markup import escape
 from filefeed.cli_base import app, out, plural, print_json
 from filefeed.cli_base import settings as checked_settings
 from filefeed.ops_cli import _all_partitions, _props_by_feed
-from pipeline.model import Partition
+
+if TYPE_CHECKING:  # the command line starts without pyarrow; the commands that need it import it
+    from pipeline.model import Partition
 
 
 def _prefixes(template: str, feed_id: str, segments: list[str]) -> list[str]:

@@ -26,7 +26,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from filefeed.cli_base import EXIT_CONFIG, OperatorError, app, err, out, plural, print_json
+from filefeed.cli_base import (
+    EXIT_CONFIG,
+    EXIT_ENVIRONMENT,
+    EXIT_FAILED,
+    OperatorError,
+    app,
+    err,
+    out,
+    plural,
+    print_json,
+)
 from filefeed.cli_base import settings as checked_settings
 
 if TYPE_CHECKING:  # the command line starts without pyarrow; the commands that need it import it
@@ -223,11 +233,12 @@ def _delivered_rows(open_stream: Any, shown: str, name: str, limit: int) -> tupl
         with open_stream() as stream:
             return read_rows(stream, name, limit)
     except SinkError as e:
-        raise OperatorError(f"filefeed inspect: {e} ({e.kind})", code=3) from None
+        raise OperatorError(f"filefeed inspect: {e} ({e.kind})", code=EXIT_ENVIRONMENT) from None
     except ValueError as e:
         raise OperatorError(f"filefeed inspect: {e}") from None
     except Exception as e:  # a damaged file: say so, no traceback
-        raise OperatorError(f"filefeed inspect: cannot read {shown}: {type(e).__name__}: {e}", code=1) from None
+        raise OperatorError(f"filefeed inspect: cannot read {shown}: {type(e).__name__}: {e}",
+                            code=EXIT_FAILED) from None
 
 
 def _remote_delivered(settings: Any, url: str, feed: str | None) -> tuple[Any, str]:
@@ -339,7 +350,7 @@ def _staged_rows(feed_id: str, partition: str | None, limit: int) -> tuple[list[
         parts = [p for p in parts if p.segment_id == seg and (not op or p.operation == op.upper())]
     if not parts:
         raise OperatorError(f"filefeed inspect: no partition for feed {feed_id} {partition or ''} in "
-                            f"{settings.staging_dir} (FILEFEED_STAGING_DIR)", code=1)
+                            f"{settings.staging_dir} (FILEFEED_STAGING_DIR)", code=EXIT_FAILED)
     rows: list[tuple] = []
     with _staging(settings) as staging:
         for p in parts:

@@ -32,7 +32,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import free_port, wait_ready  # noqa: E402
+from bench import peer  # noqa: E402
+from bench.ingest import free_port, load_average, start_filefeed, wait_ready  # noqa: E402
 
 
 def item(i: int, op: str = "UPSERT") -> str:
@@ -49,6 +50,9 @@ def batch(items: list) -> bytes:
                                      "datamart_id": "1023", "grouping_key": "UPSERT"}})
 
 
+JSON_HEADERS = {"content-type": "application/json"}  # as the platform sends them (the SDK's body parser needs it)
+
+
 def post_all(url: str, bodies: list[bytes], n_items: int, concurrency: int = 1) -> tuple[float, list[dict]]:
     """Post every body, `concurrency` calls in flight (one connection each); items/s over the whole run."""
     clients = [httpx.Client(base_url=url, timeout=300, trust_env=False) for _ in range(concurrency)]
@@ -57,7 +61,7 @@ def post_all(url: str, bodies: list[bytes], n_items: int, concurrency: int = 1) 
             c.get("/v1/status")
 
         def post_share(k: int) -> list[dict]:
-            return [clients[k].post("/v1/batch_update", content=b).json() for b in bodies[k::concurrency]]
+            return [clients[k].post("/v1/batch_update", content=b, headers=JSON_HEADERS).json() for b in bodies[k::concurrency]]
 
         t = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
@@ -69,6 +73,68 @@ def post_all(url: str, bodies: list[bytes], n_items: int, concurrency: int = 1) 
     return n_items / elapsed, [a for share in shares for a in share]
 
 
+def peer_main(args: argparse.Namespace) -> None:
+    """`--peer node-sdk`: the same 10,000-item batches, one call in flight, into filefeed's staging (parse, stage with
+    fsync, roll, publish) and into the official SDK's batched feed (parse, append to a CSV, no fsync); every pass with
+    items never sent before, rounds alternated."""
+    tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-batch-peer-"))
+    out = tmp / "delivery"
+    out.mkdir()
+    feeds = tmp / "feeds.toml"
+    feeds.write_text(f'[feeds.42]\ndestination_uri = "{out.as_uri()}"\nidentifier_types = "USER_EMAIL"\n'
+                     "max_buffer_age_seconds = 86400\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
+    env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
+                "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN"})
+    n = args.items
+    passes = iter(range(1 << 16))
+
+    def fresh() -> list[bytes]:
+        k = next(passes)
+        return [batch([item((k * args.batches + b) * n + i) for i in range(n)]) for b in range(args.batches)]
+
+    gateway = peer.start_gateway(tmp / "peer-delivery", "USER_EMAIL")
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    print(f"before: {load_average()}")
+    try:
+        procs["filefeed"] = start_filefeed(env, args.workers, tmp / "serve.log")
+        pport = free_port()
+        pproc = peer.popen(pport, gateway.port, env, tmp / "peer.log")
+        procs[args.peer] = (pproc, f"http://127.0.0.1:{pport}")
+        wait_ready(procs[args.peer][1], pproc)
+        for _, url in procs.values():  # warm-up pass (JIT, first roll), not counted
+            post_all(url, fresh()[:3], 3 * n)
+        rounds: list[dict[str, tuple[float, list[dict]]]] = []
+        for i in range(args.rounds):
+            order = list(procs) if i % 2 == 0 else list(procs)[::-1]
+            rounds.append({name: post_all(procs[name][1], fresh(), n * args.batches) for name in order})
+    finally:
+        for name, (proc, _) in procs.items():
+            if name == "filefeed":
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+            else:
+                peer.stop(proc)
+        gateway.close()
+    total = n * args.batches
+    print(f"batch_update: {args.batches} calls of {n:,} items (JSON strings) per pass, one call in flight; filefeed "
+          f"{args.workers} workers into staging (stage with fsync, roll, publish to a local folder) vs {args.peer} "
+          "(append to a CSV, no fsync)")
+    for i, rnd in enumerate(rounds, 1):
+        for name, (rate, answers) in rnd.items():
+            sent = sum(a.get("sent_items_in_success", 0) for a in answers)
+            statuses = sorted({str(a.get("status")) for a in answers})
+            print(f"  round {i} {name:9s} {rate:10,.0f} items/s  answers {statuses}, sent_items_in_success "
+                  f"{sent:,} of {total:,}")
+        print(f"  round {i} ratio filefeed/{args.peer}: {rnd['filefeed'][0] / rnd[args.peer][0]:.2f}")
+    mean = {name: len(rounds) / sum(1 / r[name][0] for r in rounds) for name in procs}  # items over total time
+    ratio = mean["filefeed"] / mean[args.peer]
+    print(f"  overall   filefeed {mean['filefeed']:,.0f} items/s, {args.peer} {mean[args.peer]:,.0f} items/s, ratio "
+          f"{ratio:.2f}  (target >= 1.5: {'ok' if ratio >= 1.5 else 'NOT MET'})")
+    print(f"after: {load_average()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=20)
@@ -76,7 +142,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=None,
                     help="calls in flight for the concurrent pass (default: as many as workers)")
+    ap.add_argument("--peer", choices=peer.PEERS, help="filefeed against this peer, one call in flight, alternated")
+    ap.add_argument("--rounds", type=int, default=2, help="alternated rounds with --peer")
     args = ap.parse_args()
+    if args.peer:
+        peer_main(args)
+        return
     concurrency = args.concurrency or args.workers
     tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-batch-"))
     out = tmp / "delivery"

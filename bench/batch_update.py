@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import peer  # noqa: E402
-from bench.ingest import free_port, load_average, start_filefeed, wait_ready  # noqa: E402
+from bench.ingest import filefeed_and_peer, free_port, load_average, wait_ready  # noqa: E402
 
 
 def item(i: int, op: str = "UPSERT") -> str:
@@ -73,11 +73,9 @@ def post_all(url: str, bodies: list[bytes], n_items: int, concurrency: int = 1) 
     return n_items / elapsed, [a for share in shares for a in share]
 
 
-def peer_main(args: argparse.Namespace) -> None:
-    """`--peer node-sdk`: the same 10,000-item batches, one call in flight, into filefeed's staging (parse, stage with
-    fsync, roll, publish) and into the official SDK's batched feed (parse, append to a CSV, no fsync); every pass with
-    items never sent before, rounds alternated."""
-    tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-batch-peer-"))
+def setup() -> tuple[Path, Path, dict[str, str]]:
+    """A temp folder, its delivery folder, and the env of filefeed serving feed 42 (USER_EMAIL) into it."""
+    tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-batch-"))
     out = tmp / "delivery"
     out.mkdir()
     feeds = tmp / "feeds.toml"
@@ -86,6 +84,14 @@ def peer_main(args: argparse.Namespace) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
     env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
                 "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN"})
+    return tmp, out, env
+
+
+def peer_main(args: argparse.Namespace) -> None:
+    """`--peer node-sdk`: the same 10,000-item batches, one call in flight, into filefeed's staging (parse, stage with
+    fsync, roll, publish) and into the official SDK's batched feed (parse, append to a CSV, no fsync); every pass with
+    items never sent before, rounds alternated."""
+    tmp, _, env = setup()
     n = args.items
     passes = iter(range(1 << 16))
 
@@ -93,29 +99,14 @@ def peer_main(args: argparse.Namespace) -> None:
         k = next(passes)
         return [batch([item((k * args.batches + b) * n + i) for i in range(n)]) for b in range(args.batches)]
 
-    gateway = peer.start_gateway(tmp / "peer-delivery", "USER_EMAIL")
-    procs: dict[str, tuple[subprocess.Popen, str]] = {}
     print(f"before: {load_average()}")
-    try:
-        procs["filefeed"] = start_filefeed(env, args.workers, tmp / "serve.log")
-        pport = free_port()
-        pproc = peer.popen(pport, gateway.port, env, tmp / "peer.log")
-        procs[args.peer] = (pproc, f"http://127.0.0.1:{pport}")
-        wait_ready(procs[args.peer][1], pproc)
+    with filefeed_and_peer(args.peer, env, args.workers, tmp, tmp / "peer-delivery", "USER_EMAIL") as procs:
         for _, url in procs.values():  # warm-up pass (JIT, first roll), not counted
             post_all(url, fresh()[:3], 3 * n)
         rounds: list[dict[str, tuple[float, list[dict]]]] = []
         for i in range(args.rounds):
             order = list(procs) if i % 2 == 0 else list(procs)[::-1]
             rounds.append({name: post_all(procs[name][1], fresh(), n * args.batches) for name in order})
-    finally:
-        for name, (proc, _) in procs.items():
-            if name == "filefeed":
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
-            else:
-                peer.stop(proc)
-        gateway.close()
     total = n * args.batches
     print(f"batch_update: {args.batches} calls of {n:,} items (JSON strings) per pass, one call in flight; filefeed "
           f"{args.workers} workers into staging (stage with fsync, roll, publish to a local folder) vs {args.peer} "
@@ -149,15 +140,7 @@ def main() -> None:
         peer_main(args)
         return
     concurrency = args.concurrency or args.workers
-    tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-batch-"))
-    out = tmp / "delivery"
-    out.mkdir()
-    feeds = tmp / "feeds.toml"
-    feeds.write_text(f'[feeds.42]\ndestination_uri = "{out.as_uri()}"\nidentifier_types = "USER_EMAIL"\n'
-                     "max_buffer_age_seconds = 86400\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
-    env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
-                "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN"})
+    tmp, out, env = setup()
     n = args.items
     # one set of never-staged items per pass: a body posted twice would be "already published" the second time
     fresh = [batch([item(b * n + i) for i in range(n)]) for b in range(args.batches)]

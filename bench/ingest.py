@@ -14,6 +14,7 @@ ceiling of filefeed's; filefeed/durable is the share left after filefeed's own w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -169,20 +171,37 @@ def start_filefeed(env: dict[str, str], workers: int, log: Path) -> tuple[subpro
     return proc, url
 
 
+@contextlib.contextmanager
+def filefeed_and_peer(name: str, env: dict[str, str], workers: int, tmp: Path, folder: Path, identifier_types: str,
+                      ) -> Iterator[dict[str, tuple[subprocess.Popen, str]]]:
+    """filefeed (`env`'s embedded feed 42) and the peer (a gateway stand-in answering feed 42 with `folder` and
+    `identifier_types`), both ready: {"filefeed": (process, url), name: (process, url)}; both stopped on exit."""
+    gateway = peer.start_gateway(folder, identifier_types)
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        procs["filefeed"] = start_filefeed(env, workers, tmp / "filefeed.log")
+        port = free_port()
+        proc = peer.popen(port, gateway.port, env, tmp / "peer.log")
+        procs[name] = (proc, f"http://127.0.0.1:{port}")
+        wait_ready(procs[name][1], proc)
+        yield procs
+    finally:
+        for key, (proc, _) in procs.items():
+            if key == "filefeed":
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+            else:
+                peer.stop(proc)
+        gateway.close()
+
+
 def peer_main(args: argparse.Namespace) -> None:
     """`--peer node-sdk`: filefeed (every row fsynced before its answer) against the official SDK's batched feed
     (nothing durable, Node's cluster on every core), the same wrk load and fresh identifiers, rounds alternated."""
     tmp, script, env = setup()
-    gateway = peer.start_gateway(tmp / "delivery", IDENTIFIER_TYPES)
-    procs: dict[str, tuple[subprocess.Popen, str]] = {}
     acknowledged = sent_runs = 0
     print(f"before: {load_average()}")
-    try:
-        procs["filefeed"] = start_filefeed(env, args.workers, tmp / "filefeed.log")
-        pport = free_port()
-        pproc = peer.popen(pport, gateway.port, env, tmp / "peer.log")
-        procs[args.peer] = (pproc, f"http://127.0.0.1:{pport}")
-        wait_ready(procs[args.peer][1], pproc)
+    with filefeed_and_peer(args.peer, env, args.workers, tmp, tmp / "delivery", IDENTIFIER_TYPES) as procs:
         for name, (_, url) in procs.items():
             warm = run_wrk(url, 3, args.connections, args.wrk_threads, script)
             if name == "filefeed":
@@ -203,14 +222,6 @@ def peer_main(args: argparse.Namespace) -> None:
                     sent_runs += 1
             rounds.append(rnd)
         rss = {name: tree_rss_mb(p.pid) for name, (p, _) in procs.items()}
-    finally:
-        for name, (proc, _) in procs.items():
-            if name == "filefeed":
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
-            else:
-                peer.stop(proc)
-        gateway.close()
     print(f"ingest: user_segment_update, 2 identifiers, filefeed {args.workers} workers (every row fsynced before its "
           f"answer) vs {args.peer} (Node cluster, {os.cpu_count()} workers, nothing durable), wrk -c{args.connections} "
           f"-t{args.wrk_threads}, {args.rounds} alternated rounds of {args.seconds}s, new identifiers every request")

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import peer  # noqa: E402
-from bench.ingest import filefeed_and_peer, free_port, load_average, wait_ready  # noqa: E402
+from bench.ingest import filefeed_and_peer, free_port, load_average, tree_cpu_seconds, wait_ready  # noqa: E402
 
 
 def item(i: int, op: str = "UPSERT") -> str:
@@ -103,20 +103,25 @@ def peer_main(args: argparse.Namespace) -> None:
     with filefeed_and_peer(args.peer, env, args.workers, tmp, tmp / "peer-delivery", "USER_EMAIL") as procs:
         for _, url in procs.values():  # warm-up pass (JIT, first roll), not counted
             post_all(url, fresh()[:3], 3 * n)
-        rounds: list[dict[str, tuple[float, list[dict]]]] = []
+        rounds: list[dict[str, tuple[float, list[dict], float]]] = []
         for i in range(args.rounds):
-            order = list(procs) if i % 2 == 0 else list(procs)[::-1]
-            rounds.append({name: post_all(procs[name][1], fresh(), n * args.batches) for name in order})
+            rnd = {}
+            for name in (list(procs) if i % 2 == 0 else list(procs)[::-1]):
+                proc, url = procs[name]
+                cpu = tree_cpu_seconds(proc.pid)
+                rate, answers = post_all(url, fresh(), n * args.batches)
+                rnd[name] = (rate, answers, (tree_cpu_seconds(proc.pid) - cpu) / (n * args.batches) * 1e6)
+            rounds.append(rnd)
     total = n * args.batches
     print(f"batch_update: {args.batches} calls of {n:,} items (JSON strings) per pass, one call in flight; filefeed "
           f"{args.workers} workers into staging (stage with fsync, roll, publish to a local folder) vs {args.peer} "
           "(append to a CSV, no fsync)")
     for i, rnd in enumerate(rounds, 1):
-        for name, (rate, answers) in rnd.items():
+        for name, (rate, answers, cpu_us) in rnd.items():
             sent = sum(a.get("sent_items_in_success", 0) for a in answers)
             statuses = sorted({str(a.get("status")) for a in answers})
-            print(f"  round {i} {name:9s} {rate:10,.0f} items/s  answers {statuses}, sent_items_in_success "
-                  f"{sent:,} of {total:,}")
+            print(f"  round {i} {name:9s} {rate:10,.0f} items/s  server CPU {cpu_us:5.2f} us/item  answers {statuses}, "
+                  f"sent_items_in_success {sent:,} of {total:,}")
         print(f"  round {i} ratio filefeed/{args.peer}: {rnd['filefeed'][0] / rnd[args.peer][0]:.2f}")
     mean = {name: len(rounds) / sum(1 / r[name][0] for r in rounds) for name in procs}  # items over total time
     ratio = mean["filefeed"] / mean[args.peer]

@@ -32,7 +32,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import free_port, wait_ready  # noqa: E402
+from bench import peer  # noqa: E402
+from bench.ingest import filefeed_and_peer, free_port, load_average, tree_cpu_seconds, wait_ready  # noqa: E402
 
 
 def item(i: int, op: str = "UPSERT") -> str:
@@ -49,6 +50,9 @@ def batch(items: list) -> bytes:
                                      "datamart_id": "1023", "grouping_key": "UPSERT"}})
 
 
+JSON_HEADERS = {"content-type": "application/json"}  # as the platform sends them (the SDK's body parser needs it)
+
+
 def post_all(url: str, bodies: list[bytes], n_items: int, concurrency: int = 1) -> tuple[float, list[dict]]:
     """Post every body, `concurrency` calls in flight (one connection each); items/s over the whole run."""
     clients = [httpx.Client(base_url=url, timeout=300, trust_env=False) for _ in range(concurrency)]
@@ -57,7 +61,7 @@ def post_all(url: str, bodies: list[bytes], n_items: int, concurrency: int = 1) 
             c.get("/v1/status")
 
         def post_share(k: int) -> list[dict]:
-            return [clients[k].post("/v1/batch_update", content=b).json() for b in bodies[k::concurrency]]
+            return [clients[k].post("/v1/batch_update", content=b, headers=JSON_HEADERS).json() for b in bodies[k::concurrency]]
 
         t = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
@@ -69,15 +73,8 @@ def post_all(url: str, bodies: list[bytes], n_items: int, concurrency: int = 1) 
     return n_items / elapsed, [a for share in shares for a in share]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--items", type=int, default=10_000)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--concurrency", type=int, default=None,
-                    help="calls in flight for the concurrent pass (default: as many as workers)")
-    args = ap.parse_args()
-    concurrency = args.concurrency or args.workers
+def setup() -> tuple[Path, Path, dict[str, str]]:
+    """A temp folder, its delivery folder, and the env of filefeed serving feed 42 (USER_EMAIL) into it."""
     tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-batch-"))
     out = tmp / "delivery"
     out.mkdir()
@@ -87,6 +84,68 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
     env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
                 "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN"})
+    return tmp, out, env
+
+
+def peer_main(args: argparse.Namespace) -> None:
+    """`--peer node-sdk`: the same 10,000-item batches, one call in flight, into filefeed's staging (parse, stage with
+    fsync, roll, publish) and into the official SDK's batched feed (parse, append to a CSV, no fsync); every pass with
+    items never sent before, rounds alternated."""
+    tmp, _, env = setup()
+    n = args.items
+    passes = iter(range(1 << 16))
+
+    def fresh() -> list[bytes]:
+        k = next(passes)
+        return [batch([item((k * args.batches + b) * n + i) for i in range(n)]) for b in range(args.batches)]
+
+    print(f"before: {load_average()}")
+    with filefeed_and_peer(args.peer, env, args.workers, tmp, tmp / "peer-delivery", "USER_EMAIL") as procs:
+        for _, url in procs.values():  # warm-up pass (JIT, first roll), not counted
+            post_all(url, fresh()[:3], 3 * n)
+        rounds: list[dict[str, tuple[float, list[dict], float]]] = []
+        for i in range(args.rounds):
+            rnd = {}
+            for name in (list(procs) if i % 2 == 0 else list(procs)[::-1]):
+                proc, url = procs[name]
+                cpu = tree_cpu_seconds(proc.pid)
+                rate, answers = post_all(url, fresh(), n * args.batches)
+                rnd[name] = (rate, answers, (tree_cpu_seconds(proc.pid) - cpu) / (n * args.batches) * 1e6)
+            rounds.append(rnd)
+    total = n * args.batches
+    print(f"batch_update: {args.batches} calls of {n:,} items (JSON strings) per pass, one call in flight; filefeed "
+          f"{args.workers} workers into staging (stage with fsync, roll, publish to a local folder) vs {args.peer} "
+          "(append to a CSV, no fsync)")
+    for i, rnd in enumerate(rounds, 1):
+        for name, (rate, answers, cpu_us) in rnd.items():
+            sent = sum(a.get("sent_items_in_success", 0) for a in answers)
+            statuses = sorted({str(a.get("status")) for a in answers})
+            print(f"  round {i} {name:9s} {rate:10,.0f} items/s  server CPU {cpu_us:5.2f} us/item  answers {statuses}, "
+                  f"sent_items_in_success {sent:,} of {total:,}")
+        print(f"  round {i} ratio filefeed/{args.peer}: {rnd['filefeed'][0] / rnd[args.peer][0]:.2f}")
+    mean = {name: len(rounds) / sum(1 / r[name][0] for r in rounds) for name in procs}  # items over total time
+    ratio = mean["filefeed"] / mean[args.peer]
+    print(f"  overall   filefeed {mean['filefeed']:,.0f} items/s, {args.peer} {mean[args.peer]:,.0f} items/s, ratio "
+          f"{ratio:.2f}  (target >= 1.5: {'ok' if ratio >= 1.5 else 'NOT MET'})")
+    print(f"after: {load_average()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--items", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="calls in flight for the concurrent pass (default: as many as workers)")
+    ap.add_argument("--peer", choices=peer.PEERS, help="filefeed against this peer, one call in flight, alternated")
+    ap.add_argument("--rounds", type=int, default=2, help="alternated rounds with --peer")
+    args = ap.parse_args()
+    if args.peer:
+        peer_main(args)
+        return
+    concurrency = args.concurrency or args.workers
+    tmp, out, env = setup()
     n = args.items
     # one set of never-staged items per pass: a body posted twice would be "already published" the second time
     fresh = [batch([item(b * n + i) for i in range(n)]) for b in range(args.batches)]

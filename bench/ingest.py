@@ -14,6 +14,7 @@ ceiling of filefeed's; filefeed/durable is the share left after filefeed's own w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -23,11 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import peer  # noqa: E402
+
+IDENTIFIER_TYPES = "USER_EMAIL,USER_POINT"
 LUA = r"""
 local counter = 0
 local threads = {}
@@ -81,13 +88,7 @@ def wait_ready(url: str, proc: subprocess.Popen) -> None:
 def tree_rss_mb(pid: int) -> float:
     """RSS of a process and its children (uvicorn's workers), in MB."""
     total = 0
-    pids = [pid]
-    try:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-        pids += [int(p) for p in out.split()]
-    except OSError:
-        pass
-    for p in pids:
+    for p in tree_pids(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -121,29 +122,148 @@ def staged_rows(staging: Path) -> int:
     return sum(st.stats(p).rows for p in st.partitions())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=30)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--wrk-threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--soak", type=int, default=0, help="extra seconds of load reporting RSS (300 = 5 minutes)")
-    args = ap.parse_args()
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk not found: apt-get install wrk (scripts/install.sh does)")
+def setup() -> tuple[Path, Path, dict[str, str]]:
+    """A temp folder with the wrk script, feed 42 (USER_EMAIL + USER_POINT, a local folder) and the servers' env."""
     tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-ingest-"))
     script = tmp / "update.lua"
     script.write_text(LUA)
     out = tmp / "delivery"
     out.mkdir()
     feeds = tmp / "feeds.toml"
-    feeds.write_text(f'[feeds.42]\ndestination_uri = "{out.as_uri()}"\nidentifier_types = "USER_EMAIL,USER_POINT"\n'
+    feeds.write_text(f'[feeds.42]\ndestination_uri = "{out.as_uri()}"\nidentifier_types = "{IDENTIFIER_TYPES}"\n'
                      "max_buffer_age_seconds = 86400\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
     env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
                 "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN",
                 "BENCH_DURABLE_DIR": str(tmp / "durable")})
+    return tmp, script, env
+
+
+def tree_pids(pid: int) -> list[int]:
+    """A process and its children (uvicorn's or Node cluster's workers)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [pid] + [int(p) for p in out.split()]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by a process and its children."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def start_filefeed(env: dict[str, str], workers: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", str(workers)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "wb"))
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
+    return proc, url
+
+
+@contextlib.contextmanager
+def filefeed_and_peer(name: str, env: dict[str, str], workers: int, tmp: Path, folder: Path, identifier_types: str,
+                      ) -> Iterator[dict[str, tuple[subprocess.Popen, str]]]:
+    """filefeed (`env`'s embedded feed 42) and the peer (a gateway stand-in answering feed 42 with `folder` and
+    `identifier_types`), both ready: {"filefeed": (process, url), name: (process, url)}; both stopped on exit."""
+    gateway = peer.start_gateway(folder, identifier_types)
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        procs["filefeed"] = start_filefeed(env, workers, tmp / "filefeed.log")
+        port = free_port()
+        proc = peer.popen(port, gateway.port, env, tmp / "peer.log")
+        procs[name] = (proc, f"http://127.0.0.1:{port}")
+        wait_ready(procs[name][1], proc)
+        yield procs
+    finally:
+        for key, (proc, _) in procs.items():
+            if key == "filefeed":
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+            else:
+                peer.stop(proc)
+        gateway.close()
+
+
+def peer_main(args: argparse.Namespace) -> None:
+    """`--peer node-sdk`: filefeed (every row fsynced before its answer) against the official SDK's batched feed
+    (nothing durable, Node's cluster on every core), the same wrk load and fresh identifiers, rounds alternated."""
+    tmp, script, env = setup()
+    acknowledged = sent_runs = 0
+    print(f"before: {load_average()}")
+    with filefeed_and_peer(args.peer, env, args.workers, tmp, tmp / "delivery", IDENTIFIER_TYPES) as procs:
+        for name, (_, url) in procs.items():
+            warm = run_wrk(url, 3, args.connections, args.wrk_threads, script)
+            if name == "filefeed":
+                acknowledged += warm["requests"] - warm["status_errors"]
+                sent_runs += 1
+        rounds: list[dict[str, dict[str, float]]] = []
+        for i in range(args.rounds):
+            rnd = {}
+            order = list(procs) if i % 2 == 0 else list(procs)[::-1]  # alternate who goes first
+            for name in order:
+                proc, url = procs[name]
+                cpu = tree_cpu_seconds(proc.pid)
+                r = run_wrk(url, args.seconds, args.connections, args.wrk_threads, script)
+                r["cpu_us"] = (tree_cpu_seconds(proc.pid) - cpu) / max(1, r["requests"]) * 1e6
+                rnd[name] = r
+                if name == "filefeed":
+                    acknowledged += r["requests"] - r["status_errors"]
+                    sent_runs += 1
+            rounds.append(rnd)
+        rss = {name: tree_rss_mb(p.pid) for name, (p, _) in procs.items()}
+    print(f"ingest: user_segment_update, 2 identifiers, filefeed {args.workers} workers (every row fsynced before its "
+          f"answer) vs {args.peer} (Node cluster, {os.cpu_count()} workers, nothing durable), wrk -c{args.connections} "
+          f"-t{args.wrk_threads}, {args.rounds} alternated rounds of {args.seconds}s, new identifiers every request")
+    for i, rnd in enumerate(rounds, 1):
+        for name, r in rnd.items():
+            print(f"  round {i} {name:9s} {r['rps']:9,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
+                  f"  server CPU {r['cpu_us']:5.0f} us/req  errors {r['errors'] + r['status_errors']}")
+        print(f"  round {i} ratio filefeed/{args.peer}: {rnd['filefeed']['rps'] / rnd[args.peer]['rps']:.2f}")
+    total = {n: sum(r[n]["requests"] for r in rounds) / (args.seconds * len(rounds)) for n in procs}
+    ratio = total["filefeed"] / total[args.peer]
+    print(f"  overall   filefeed {total['filefeed']:,.0f} req/s, {args.peer} {total[args.peer]:,.0f} req/s, ratio "
+          f"{ratio:.2f}  (target >= 4.0: {'ok' if ratio >= 4.0 else 'NOT MET'})")
+    print("  RSS at the end: " + ", ".join(f"{n} {v:.0f} MB" for n, v in rss.items()))
+    rows = staged_rows(tmp / "staging")
+    slack = 2 * args.connections * sent_runs
+    ok = 2 * acknowledged <= rows <= 2 * acknowledged + slack
+    print(f"  filefeed staged rows on disk {rows:,}; 2 x acknowledged requests {2 * acknowledged:,} "
+          f"(+ at most {slack:,} in flight at wrk's stops): {'OK' if ok else 'MISMATCH'}")
+    print(f"after: {load_average()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=None, help="wrk connections (default 64; 32 with --peer)")
+    ap.add_argument("--wrk-threads", type=int, default=None, help="wrk threads (default 1; 2 with --peer)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--soak", type=int, default=0, help="extra seconds of load reporting RSS (300 = 5 minutes)")
+    ap.add_argument("--peer", choices=peer.PEERS, help="filefeed against this peer instead of the bare baselines")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk (scripts/install.sh does)")
+    if args.peer:
+        args.connections = args.connections or 32
+        args.wrk_threads = args.wrk_threads or 2
+        peer_main(args)
+        return
+    args.connections = args.connections or 64
+    args.wrk_threads = args.wrk_threads or 1
+    tmp, script, env = setup()
     servers = {
         "bare": [sys.executable, "-m", "bench.serve_bare", "bench.bare_app:create_app"],
         "durable": [sys.executable, "-m", "bench.serve_bare", "bench.bare_app:create_durable_app"],
@@ -217,5 +337,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

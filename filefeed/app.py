@@ -20,10 +20,9 @@ from starlette.routing import Route
 
 from config.problems import ConfigFileError
 from config.settings import ServiceSettings, load_settings
-from filefeed import __version__, lifecycle, logs, metrics, server
+from filefeed import __version__, hotpath, lifecycle, logs, metrics, server
 from filefeed.context import ContextSource, FeedContext, GatewayError, NotFound, context_source
 from filefeed.protocol import (
-    MAX_BODY_BYTES,
     BadRequest,
     MissingBody,
     empty_response,
@@ -63,34 +62,21 @@ class Plugin:
         return await self.source.feed_context(feed_id, force=force)
 
 
-async def _read_body(request: Request) -> bytes:
-    length = request.headers.get("content-length")
-    if length and length.isdigit():
-        if int(length) > MAX_BODY_BYTES:
-            raise BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
-        return await request.body()  # the server stops at content-length: no need to count
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 FeedHandler = Callable[[Plugin, dict[str, Any]], Awaitable[Response]]
+FeedEndpoint = Callable[[Plugin, Callable[[], Awaitable[bytes]]], Awaitable[Response]]
 
 
-def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> Callable[[Request], Awaitable[Response]]:
-    """Wrap a feed POST handler with the SDK's filters: body parsing, empty-body 500, exceptions as 500 error."""
+def feed_endpoint(route: str, handler: FeedHandler, *, creation: bool = False) -> FeedEndpoint:
+    """Wrap a feed POST handler with the SDK's filters: body parsing, empty-body 500, exceptions as 500 error.
 
-    async def endpoint(request: Request) -> Response:
-        plugin: Plugin = request.scope["app"].state.plugin
+    The result takes the plugin and a body reader, so the Starlette route and the hot path (filefeed/hotpath.py)
+    serve the same endpoint."""
+
+    async def endpoint(plugin: Plugin, read: Callable[[], Awaitable[bytes]]) -> Response:
         started = time.perf_counter()
         body: Any = None
         try:
-            body = parse_json_body(await _read_body(request))
+            body = parse_json_body(await read())
             response = await handler(plugin, body)
         except MissingBody:
             response = missing_body_response()
@@ -111,6 +97,17 @@ def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> C
         return response
 
     return endpoint
+
+
+def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """`feed_endpoint` as a Starlette endpoint."""
+    endpoint = feed_endpoint(route, handler, creation=creation)
+
+    async def starlette_endpoint(request: Request) -> Response:
+        return await endpoint(request.scope["app"].state.plugin, lambda: hotpath.read_body(request.scope,
+                                                                                           request.receive))
+
+    return starlette_endpoint
 
 
 def _log_request(route: str, code: int, elapsed: float, body: Any) -> None:
@@ -287,6 +284,7 @@ FEED_ROUTES: dict[str, FeedHandler] = {
     "test_authentication": test_authentication,
     "oauth_redirect_url": oauth_redirect_url,
 }
+HOT_ROUTES = ("user_segment_update", "batch_update")  # served by filefeed/hotpath.py ahead of Starlette's router
 LEGACY_PATHS = {"authentication_status": "authentication_status_queries",
                 "dynamic_property_values": "dynamic_property_values_queries"}
 
@@ -295,7 +293,7 @@ def routes() -> list[Route]:
     # the router tries routes in order: the hot ones first
     out = [
         Route(f"/v1/{name}", feed_route(name, FEED_ROUTES[name]), methods=["POST"])
-        for name in ("user_segment_update", "batch_update")
+        for name in HOT_ROUTES
     ]
     out += [
         Route("/v1/status", status, methods=["GET"]),
@@ -306,7 +304,7 @@ def routes() -> list[Route]:
         Route("/metrics", metrics_route, methods=["GET"]),
     ]
     for name, handler in FEED_ROUTES.items():
-        if name in ("user_segment_update", "batch_update"):
+        if name in HOT_ROUTES:
             continue
         out.append(Route(f"/v1/{name}", feed_route(name, handler, creation=name == "external_segment_creation"),
                          methods=["POST"]))
@@ -315,7 +313,7 @@ def routes() -> list[Route]:
     return out
 
 
-def create_app(settings: ServiceSettings | None = None, source: ContextSource | None = None) -> Starlette:
+def create_app(settings: ServiceSettings | None = None, source: ContextSource | None = None) -> hotpath.HotRoutes:
     settings = settings or load_settings()
     logs.configure(settings.log_level, settings.staging_dir)
 
@@ -345,4 +343,5 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
             await plugin.staging.aclose()
             await plugin.source.aclose()
 
-    return Starlette(routes=routes(), lifespan=lifespan)
+    app = Starlette(routes=routes(), lifespan=lifespan)
+    return hotpath.HotRoutes(app, {f"/v1/{name}": feed_endpoint(name, FEED_ROUTES[name]) for name in HOT_ROUTES})

@@ -53,7 +53,7 @@ def serve(
             port=port or settings.port,
             workers=workers or settings.workers,
             loop="uvloop",
-            http="httptools",
+            http=server.HTTP_PROTOCOL,
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=10,

@@ -25,6 +25,9 @@ from uvicorn.supervisors import multiprocess
 # threshold only lets rare cyclic garbage wait a little longer.
 GC_GEN0_THRESHOLD = 10_000
 
+# uvicorn's httptools protocol writing each answer in one send (filefeed/hotpath.py)
+HTTP_PROTOCOL = "filefeed.hotpath:OneWriteHttpToolsProtocol"
+
 
 def settle_gc() -> None:
     """Once a worker has loaded everything it needs: freeze those objects out of the collector, raise gen0's threshold.

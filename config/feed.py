@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from config.problems import did_you_mean
+from config.profiles import apply_profile
 
 SCHEMES = ("file", "s3", "gs", "sftp")
 
@@ -30,6 +31,7 @@ COLUMN_SOURCES = (
     "datamart_id",
     "session_id",
     "user_point_id",
+    "blank",  # an always-empty column a partner's template asks for (e.g. Google's Phone when only emails go out)
 )
 DEFAULT_COLUMNS = "segment_id,operation,identifier_type,identifier,ts"
 
@@ -43,6 +45,11 @@ IDENTIFIER_TYPES = ("USER_EMAIL", "USER_ACCOUNT", "USER_DEVICE_TECHNICAL_ID", "U
 
 COMPRESSIONS: dict[str, tuple[str, ...]] = {"csv": ("gzip", "zstd", "none"), "parquet": ("snappy", "zstd", "none")}
 DEFAULT_COMPRESSION = {"csv": "gzip", "parquet": "snappy"}
+
+# csv_delimiter values; a tab may arrive as a real tab, `\t` or `tab` (a form field cannot hold a tab easily)
+CSV_DELIMITERS = {",": ",", "\t": "\t", "\\t": "\t", "tab": "\t", "|": "|", ";": ";"}
+DONE_MARKERS = ("manifest", "success_file", "none")
+SUCCESS_FILE_NAME = "_SUCCESS"
 
 SECRET_PROPERTIES = frozenset(
     {"aws_secret_access_key", "sftp_password", "sftp_private_key", "gcs_service_account_json"}
@@ -193,6 +200,18 @@ class FeedProperties(BaseModel):
     write_manifest: bool = True
     identifier_types: str | None = None
 
+    # file shape (README "Feed properties"): presets, identifier transforms, encryption, markers, caps, CSV dialect
+    partner_profile: Literal["liveramp", "google_customer_match", "meta", "ttd_uid2"] | None = None
+    email_hashing: Literal["platform", "sha256_hex", "sha256_base64", "md5_hex", "sha1_hex"] = "platform"
+    email_normalization: Literal["trim_lower", "uid2"] = "trim_lower"
+    encryption: Literal["none", "pgp"] = "none"
+    pgp_public_key: str | None = None
+    done_marker: Literal["manifest", "success_file", "none"] | None = None  # None: from write_manifest
+    manifest_prefix: str | None = None
+    max_file_bytes: int | None = Field(default=None, ge=1024, le=1 << 40)
+    csv_delimiter: str = ","
+    csv_header: bool = True
+
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     aws_access_key_id: str | None = None
@@ -207,6 +226,36 @@ class FeedProperties(BaseModel):
     gcs_endpoint_url: str | None = None
     gcs_service_account_json: SecretStr | None = None
     gcs_project: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data: Any) -> Any:
+        return apply_profile(data) if isinstance(data, dict) else data
+
+    @field_validator("partner_profile", "email_hashing", "email_normalization", "encryption", "done_marker",
+                     mode="before")
+    @classmethod
+    def _lower_choice(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("csv_delimiter", mode="before")
+    @classmethod
+    def _delimiter(cls, v: Any) -> Any:
+        if isinstance(v, str) and (v if v == "\t" else v.strip().lower()) in CSV_DELIMITERS:
+            return CSV_DELIMITERS[v if v == "\t" else v.strip().lower()]
+        raise ValueError("must be one of ',', '\\t' (tab), '|', ';'")
+
+    @field_validator("manifest_prefix")
+    @classmethod
+    def _manifest_prefix(cls, v: str | None) -> str | None:
+        if v is None or not v.strip("/ "):
+            return None
+        v = v.strip().strip("/")
+        if "{" in v or "}" in v:
+            raise ValueError("is a plain folder (no macros): manifests keep their folder below it")
+        if "\\" in v or "\x00" in v or any(seg in ("", ".", "..") or seg.startswith(".") for seg in v.split("/")):
+            raise ValueError("must be a relative folder without '..', empty or dot-prefixed segments")
+        return v
 
     @field_validator("file_format", "compression", "s3_sse", mode="before")
     @classmethod
@@ -269,9 +318,44 @@ class FeedProperties(BaseModel):
                 problems.append("aws_access_key_id and aws_secret_access_key: give both or neither")
             if self.s3_kms_key_id and self.s3_sse != "aws:kms":
                 problems.append("s3_kms_key_id: only valid with s3_sse = aws:kms")
+        problems.extend(self._file_shape_problems())
         if problems:
             raise ValueError(" | ".join(problems))
         return self
+
+    def _file_shape_problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.encryption == "pgp":
+            if not self.pgp_public_key:
+                problems.append("pgp_public_key: is required with encryption = pgp")
+            else:
+                from pipeline.pgp import inspect_keys  # gpg runs only for feeds that encrypt
+
+                report = inspect_keys(self.pgp_public_key.strip())
+                problems.extend(f"pgp_public_key: {p}" for p in report.problems)
+                if not report.problems and not report.fingerprints:
+                    problems.append("pgp_public_key: holds no usable encryption key")
+        elif self.pgp_public_key:
+            problems.append("pgp_public_key: only valid with encryption = pgp")
+        if self.done_marker is None:
+            object.__setattr__(self, "done_marker", "manifest" if self.write_manifest else "none")
+        elif self.done_marker == "manifest" and not self.write_manifest:
+            problems.append("done_marker: 'manifest' contradicts write_manifest = false (drop one of them)")
+        if self.manifest_prefix and self.done_marker != "manifest":
+            problems.append("manifest_prefix: only valid with done_marker = manifest")
+        if self.done_marker == "success_file" and "{batch_id}" not in self.file_name_template.rpartition("/")[0]:
+            problems.append("done_marker: success_file needs a folder per roll: put {batch_id} in a folder of "
+                            "file_name_template (e.g. {segment_id}/{batch_id}/part{part}.{ext})")
+        if self.file_format == "parquet" and (self.csv_delimiter != "," or not self.csv_header):
+            problems.append("csv_delimiter, csv_header: only valid with file_format = csv")
+        if self.csv_delimiter != ",":
+            try:
+                clashing = [c.header for c in parse_columns(self.columns) if self.csv_delimiter in c.header]
+            except ValueError:
+                clashing = []  # reported by the columns validator
+            if clashing:
+                problems.append(f"columns: header(s) {', '.join(clashing)} contain the csv_delimiter")
+        return problems
 
     # -- derived views, cheap and cached by callers -------------------------------------------------------------
     @property
@@ -285,8 +369,10 @@ class FeedProperties(BaseModel):
     @property
     def extension(self) -> str:
         if self.file_format == "parquet":
-            return "parquet"
-        return {"gzip": "csv.gz", "zstd": "csv.zst", "none": "csv"}[self.compression or "gzip"]
+            base = "parquet"
+        else:
+            base = {"gzip": "csv.gz", "zstd": "csv.zst", "none": "csv"}[self.compression or "gzip"]
+        return f"{base}.gpg" if self.encryption == "pgp" else base
 
     def identifier_selectors(self, selected_identifying_resources: list[dict] | None) -> tuple[IdentifierSelector, ...]:
         """The `identifier_types` property wins; else the feed's selected identifying resources; else all types."""

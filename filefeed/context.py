@@ -22,6 +22,7 @@ from config.feed import FeedConfigError, FeedProperties, parse_feed_properties, 
 from config.problems import ConfigFileError, read_toml
 from config.settings import ServiceSettings
 from pipeline.identifiers import IdentifierRules
+from pipeline.transforms import email_transform
 
 log = logging.getLogger("filefeed.context")
 FEEDS_ENV = "FILEFEED_FEEDS"
@@ -65,7 +66,8 @@ def build_context(feed_id: str, feed: dict[str, Any], raw: dict[str, Any],
         props = parse_feed_properties(merged, strict=strict)
     except FeedConfigError as e:
         return FeedContext(feed_id, feed, raw, None, e, None, warnings=warnings)
-    rules = IdentifierRules(props.identifier_selectors(feed.get("selected_identifying_resources")))
+    rules = IdentifierRules(props.identifier_selectors(feed.get("selected_identifying_resources")),
+                            email_transform(props.email_hashing, props.email_normalization))
     return FeedContext(feed_id, feed, raw, props, None, rules, warnings=warnings)
 
 

@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from isal import igzip_threaded, isal_zlib
@@ -52,7 +54,7 @@ QUEUE_DEPTH = 3
 DIGEST_QUEUE_DEPTH = 16
 
 # Partition-level values: one per roll, become constant columns.
-CONSTANT_SOURCES = ("feed_id", "segment_id", "operation")
+CONSTANT_SOURCES = ("feed_id", "segment_id", "operation", "blank")
 # Columns that are unique per row: a dictionary would only cost time before Parquet falls back to plain encoding.
 HIGH_CARDINALITY_SOURCES = frozenset({"identifier", "user_point_id", "ts"})
 # A staged column that is always read, so a spec showing only constant columns still counts its rows.
@@ -67,6 +69,9 @@ class EncodeSpec:
     compression: str  # csv: gzip | zstd | none; parquet: snappy | zstd | none
     columns: tuple[Column, ...]
     max_rows_per_file: int
+    max_file_bytes: int | None = None  # uncompressed bytes per file (CSV bytes; Parquet: the same rows as CSV)
+    csv_delimiter: str = ","
+    csv_header: bool = True
 
     def __post_init__(self) -> None:
         if self.file_format not in COMPRESSIONS:
@@ -85,6 +90,9 @@ class EncodeSpec:
             compression=props.compression or "none",
             columns=props.column_list,
             max_rows_per_file=props.max_rows_per_file,
+            max_file_bytes=props.max_file_bytes,
+            csv_delimiter=props.csv_delimiter,
+            csv_header=props.csv_header,
         )
 
     @property
@@ -99,6 +107,9 @@ class EncodeSpec:
             "compression": self.compression,
             "columns": ",".join(f"{c.source}={c.header}" for c in self.columns),
             "max_rows_per_file": self.max_rows_per_file,
+            "max_file_bytes": self.max_file_bytes,
+            "csv_delimiter": self.csv_delimiter,
+            "csv_header": self.csv_header,
         }
 
     @classmethod
@@ -108,6 +119,10 @@ class EncodeSpec:
             compression=str(data["compression"]),
             columns=parse_columns(str(data["columns"])),
             max_rows_per_file=int(data["max_rows_per_file"]),
+            # plans written before these properties existed: today's defaults
+            max_file_bytes=int(data["max_file_bytes"]) if data.get("max_file_bytes") else None,
+            csv_delimiter=str(data.get("csv_delimiter", ",")),
+            csv_header=bool(data.get("csv_header", True)),
         )
 
 
@@ -326,40 +341,66 @@ def _compressor(compression: str) -> _Compressor:
 
 
 _CSV_OPTIONS = {
-    header: pcsv.WriteOptions(include_header=header, quoting_style="none", quoting_header="none", batch_size=8192)
+    (header, delimiter): pcsv.WriteOptions(
+        include_header=header, delimiter=delimiter, quoting_style="none", quoting_header="none", batch_size=8192
+    )
     for header in (True, False)
+    for delimiter in (",", "\t", "|", ";")
 }
-_CSV_SPECIAL = (",", '"', "\r", "\n")
 
 
-def _quote_minimal(value: object) -> str:
+def _quote_minimal(value: object, delimiter: str = ",") -> str:
     if value is None:
         return ""
     text = str(value)
-    if any(ch in text for ch in _CSV_SPECIAL):
+    if any(ch in text for ch in (delimiter, '"', "\r", "\n")):
         return '"' + text.replace('"', '""') + '"'
     return text
 
 
-def csv_chunk(batch: pa.RecordBatch | pa.Table, header: bool) -> Any:
+def csv_chunk(batch: pa.RecordBatch | pa.Table, header: bool, delimiter: str = ",") -> Any:
     """CSV bytes of `batch`: RFC 4180 with minimal quoting, UTF-8, `\\n` line ends, header names never quoted.
 
-    Arrow's writer either quotes every string or none, so the fast path writes unquoted and, when a value holds a
-    comma, quote or line break (Arrow refuses it), that slice is written by a small pure-Python minimal quoter.
-    Header names cannot need quotes: column headers are validated without commas, quotes or control characters.
+    Arrow's writer either quotes every string or none, so the fast path writes unquoted and, when a value holds the
+    delimiter, a quote or a line break (Arrow refuses it), that slice is written by a small pure-Python minimal
+    quoter. Header names cannot need quotes: they are validated without the delimiter, quotes or control characters.
     """
     sink = pa.BufferOutputStream()
     try:
-        pcsv.write_csv(batch, sink, _CSV_OPTIONS[header])
+        pcsv.write_csv(batch, sink, _CSV_OPTIONS[(header, delimiter)])
         return sink.getvalue()
     except pa.ArrowInvalid:
         pass
     lines: list[str] = []
     if header:
-        lines.append(",".join(batch.schema.names))
+        lines.append(delimiter.join(batch.schema.names))
     for row in zip(*(column.to_pylist() for column in batch.columns), strict=True):
-        lines.append(",".join(map(_quote_minimal, row)))
+        lines.append(delimiter.join(_quote_minimal(v, delimiter) for v in row))
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def header_bytes(spec: EncodeSpec) -> int:
+    """Bytes of the CSV header line of `spec` (0 without a header)."""
+    if not spec.csv_header:
+        return 0
+    return len(spec.csv_delimiter.join(c.header for c in spec.columns).encode("utf-8")) + 1
+
+
+def row_bytes(batch: pa.RecordBatch, delimiter: str = ",") -> np.ndarray:
+    """Bytes of each row of `batch` as a CSV line (delimiters, minimal quoting and the newline included).
+
+    What `max_file_bytes` counts: computed from the values only, so a resumed roll splits at the same rows.
+    """
+    sizes = np.full(batch.num_rows, batch.num_columns, dtype=np.int64)  # delimiters + newline
+    special = "[" + "".join("\\" + ch if ch in "|\\^]-[" else ch for ch in delimiter) + '"\r\n]'
+    for column in batch.columns:
+        text = column if pa.types.is_string(column.type) else pc.cast(column, pa.string())
+        sizes += pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
+        quoted = pc.fill_null(pc.match_substring_regex(text, special), False)
+        if pc.any(quoted).as_py():
+            sizes += 2 * quoted.to_numpy(zero_copy_only=False)
+            sizes += pc.fill_null(pc.count_substring(text, '"'), 0).to_numpy(zero_copy_only=False)
+    return sizes
 
 
 class _FileWriter(Protocol):
@@ -475,11 +516,12 @@ class _CsvFileWriter(_WorkerFileWriter):
             _GzipStream(self._file.digest) if spec.compression == "gzip" else _compressor(spec.compression)
         )
         self._chunks = _Rechunker(CSV_CHUNK_ROWS, self._format)
-        self._header_done = False
+        self._header_done = not spec.csv_header
+        self._delimiter = spec.csv_delimiter
 
     def _format(self, table: pa.Table) -> None:
         # Formatting runs on the caller's thread, compression on the worker: the two cores overlap.
-        self._worker.submit(self._sink, csv_chunk(table, header=not self._header_done))
+        self._worker.submit(self._sink, csv_chunk(table, header=not self._header_done, delimiter=self._delimiter))
         self._header_done = True
 
     def _sink(self, chunk: Any) -> None:
@@ -569,24 +611,30 @@ def encode_batches(
 
     Returns the files in part order; an input without rows gives no file at all.
     """
-    project = _ColumnProjector(spec, constants)
+    project = _ColumnProjector(spec, {"blank": "", **constants})
     writer_class = _ParquetFileWriter if spec.file_format == "parquet" else _CsvFileWriter
     files: list[EncodedFile] = []
     current: _FileWriter | None = None
+    budget = _ByteBudget(spec)
     worker = _OrderedWorker()
     try:
         for batch in batches:
             if batch.num_rows == 0:
                 continue
             projected = project(batch)
+            budget.measure(projected)
             offset = 0
             while offset < projected.num_rows:
                 if current is None:
                     current = writer_class(out_dir, local_file_name(len(files) + 1, spec), spec, worker)
-                take = min(projected.num_rows - offset, spec.max_rows_per_file - current.rows)
-                current.write(projected.slice(offset, take))
-                offset += take
-                if current.rows >= spec.max_rows_per_file:
+                    budget.start_file()
+                take = budget.rows_that_fit(
+                    offset, min(projected.num_rows - offset, spec.max_rows_per_file - current.rows), current.rows
+                )
+                if take:
+                    current.write(projected.slice(offset, take))
+                    offset += take
+                if current.rows >= spec.max_rows_per_file or not take or budget.full:
                     files.append(_finish(current, on_file))
                     current = None
         if current is not None:
@@ -605,6 +653,39 @@ def encode_batches(
     if files:
         fsync_dir(out_dir)
     return files
+
+
+class _ByteBudget:
+    """Where `max_file_bytes` splits: the most rows whose CSV lines (plus the header) fit in what is left of the
+    file. A row larger than the whole cap goes alone into its own file rather than blocking the roll."""
+
+    def __init__(self, spec: EncodeSpec):
+        self.cap = spec.max_file_bytes
+        self.delimiter = spec.csv_delimiter
+        self.header = header_bytes(spec)
+        self.used = 0
+        self.full = False
+        self._cumulative: np.ndarray | None = None
+
+    def measure(self, batch: pa.RecordBatch) -> None:
+        if self.cap is not None:
+            self._cumulative = np.concatenate(([0], np.cumsum(row_bytes(batch, self.delimiter))))
+
+    def start_file(self) -> None:
+        self.used = self.header
+        self.full = False
+
+    def rows_that_fit(self, offset: int, wanted: int, rows_in_file: int) -> int:
+        if self.cap is None or self._cumulative is None:
+            return wanted
+        base = self._cumulative[offset]
+        window = self._cumulative[offset + 1 : offset + wanted + 1] - base
+        take = int(np.searchsorted(window, self.cap - self.used, side="right"))
+        if take == 0 and rows_in_file == 0:
+            take = 1
+        self.used += int(self._cumulative[offset + take] - base)
+        self.full = take < wanted
+        return take
 
 
 def _finish(writer: _FileWriter, on_file: Callable[[EncodedFile], None] | None) -> EncodedFile:

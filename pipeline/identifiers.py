@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from config.feed import IdentifierSelector
+from pipeline.transforms import EmailTransform
 
 _HEX_HASH = re.compile(r"(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64}|[0-9a-fA-F]{128})")
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -85,7 +86,9 @@ _REQUEST_TYPE = {"USER_EMAIL": "USER_EMAIL", "USER_ACCOUNT": "USER_ACCOUNT", "US
 class IdentifierRules:
     """Which identifiers of a request are eligible, compiled once per feed context."""
 
-    def __init__(self, selectors: tuple[IdentifierSelector, ...]):
+    def __init__(self, selectors: tuple[IdentifierSelector, ...], email_transform: EmailTransform | None = None):
+        # a partner's normalisation + hashing of the clear address (pipeline/transforms.py); None: platform hash
+        self.email_transform = email_transform
         # the request identifier types this feed takes; any other type is ignored
         self.selected = {_REQUEST_TYPE[s.type] for s in selectors if s.type in _REQUEST_TYPE}
         # None in a set means "any compartment" / "any registry type"
@@ -133,6 +136,9 @@ class IdentifierRules:
             raw = ident.get(plain[0])
             return ((t, _clean(raw), raw, plain[1]),)
         if t == "USER_EMAIL":
+            if self.email_transform is not None:
+                value, reason = self.email_transform(ident)
+                return (("USER_EMAIL", value, "<email>", reason),)
             h = ident.get("hash")
             if h not in (None, ""):
                 if isinstance(h, str) and _HEX_HASH.fullmatch(h):

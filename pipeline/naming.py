@@ -62,15 +62,21 @@ def render_name(template: str, context: NameContext, part: int) -> str:
     return check_name(_render(template, context.values(part)))
 
 
-def manifest_name(file_names: list[str], batch_id: str) -> str:
-    """`<folder of the first file>/<batch_id>.manifest.json`: beside the files it lists, unique per roll.
+def manifest_name(file_names: list[str], batch_id: str, prefix: str | None = None) -> str:
+    """`[<prefix>/]<folder of the first file>/<batch_id>.manifest.json`: beside the files it lists (or under a
+    separate `manifest_prefix` folder, for drop folders that load every file they see), unique per roll.
 
     A separate name (not the template with a fake part) keeps partners' `*.csv.gz`-style globs from matching it
     and lets a consumer find every manifest with `*.manifest.json`.
     """
     folder = file_names[0].rpartition("/")[0] if file_names else ""
-    name = f"{batch_id}.manifest.json"
-    return check_name(f"{folder}/{name}" if folder else name)
+    name = "/".join(p for p in (prefix, folder, f"{batch_id}.manifest.json") if p)
+    return check_name(name)
+
+
+def roll_folders(file_names: list[str]) -> list[str]:
+    """The folders the files of a roll are in, in first-seen order ("" for the destination's root)."""
+    return list(dict.fromkeys(name.rpartition("/")[0] for name in file_names))
 
 
 def _render(template: str, values: dict[str, str]) -> str:

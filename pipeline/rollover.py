@@ -39,6 +39,7 @@ from typing import Any
 
 from config.feed import FeedProperties
 from pipeline.encode import EncodedFile, EncodeSpec, encode_batches, read_schema
+from pipeline.finishing import build_markers, encrypt_files
 from pipeline.ledger import (
     FAILED,
     OPEN,
@@ -55,6 +56,7 @@ from pipeline.ledger import (
 )
 from pipeline.model import STAGED_FIELDS, Partition
 from pipeline.naming import NameContext, UnsafeNameError, manifest_name, render_name
+from pipeline.pgp import PgpError
 from sinks.base import Sink, SinkError, TerminalError
 
 log = logging.getLogger(__name__)
@@ -314,6 +316,9 @@ class _Plan:
     template: str
     write_manifest: bool
     datamart_id: str | None
+    done_marker: str = "manifest"
+    manifest_prefix: str | None = None
+    pgp_public_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -326,6 +331,9 @@ class _Plan:
             "file_name_template": self.template,
             "write_manifest": self.write_manifest,
             "datamart_id": self.datamart_id,
+            "done_marker": self.done_marker,
+            "manifest_prefix": self.manifest_prefix,
+            "pgp_public_key": self.pgp_public_key,
         }
 
     @classmethod
@@ -339,6 +347,10 @@ class _Plan:
             template=str(data["file_name_template"]),
             write_manifest=bool(data["write_manifest"]),
             datamart_id=data.get("datamart_id"),
+            # plans written before done markers existed: the manifest when write_manifest was on
+            done_marker=str(data.get("done_marker") or ("manifest" if data["write_manifest"] else "none")),
+            manifest_prefix=data.get("manifest_prefix"),
+            pgp_public_key=data.get("pgp_public_key"),
         )
 
 
@@ -367,6 +379,9 @@ def _plan_roll(
         template=props.file_name_template,
         write_manifest=props.write_manifest,
         datamart_id=datamart_id,
+        done_marker=props.done_marker or "manifest",
+        manifest_prefix=props.manifest_prefix,
+        pgp_public_key=props.pgp_public_key.strip() if props.encryption == "pgp" and props.pgp_public_key else None,
     )
     # The roll folder is built under a hidden name and renamed into place, so rolling/<roll_id>/ never exists
     # without its plan; a hidden leftover of a crash holds no segment and is simply removed.
@@ -442,11 +457,14 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         crash_point(f"encode_file:{int(encoded.name.split('-')[1].split('.')[0])}")
 
     files = encode_batches(batches, plan.spec, constants, out, on_file=on_file)
+    extension = plan.spec.extension
+    if plan.pgp_public_key:
+        files, extension = encrypt_files(out, files, plan.pgp_public_key, plan.spec, lease.heartbeat)
     context = NameContext(
         partition=plan.partition,
         batch_id=plan.roll_id,
         planned_at=plan.planned_at,
-        extension=plan.spec.extension,
+        extension=extension,
         file_format=plan.spec.file_format,
         datamart_id=datamart_id,
     )
@@ -463,8 +481,8 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
     if len({e["name"] for e in entries}) != len(entries):
         raise UnsafeNameError("file_name_template renders the same name for two parts")
     manifest: dict[str, Any] | None = None
-    if plan.write_manifest and entries:
-        name = manifest_name([e["name"] for e in entries], plan.roll_id)
+    if plan.done_marker == "manifest" and entries:
+        name = manifest_name([e["name"] for e in entries], plan.roll_id, plan.manifest_prefix)
         body = json_bytes(_manifest_body(plan, entries, datamart_id))
         atomic_write_bytes(out / "manifest.json", body)
         manifest = {
@@ -480,6 +498,7 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         "rows": sum(e["rows"] for e in entries),
         "bytes": sum(e["bytes"] for e in entries),
         "manifest": manifest,
+        "markers": build_markers(out, entries) if plan.done_marker == "success_file" else [],
     }
     atomic_write_json(rdir / "encoded.json", encoded)
     crash_point("encode")
@@ -499,6 +518,7 @@ def _manifest_body(plan: _Plan, entries: list[dict[str, Any]], datamart_id: str)
         "format": plan.spec.file_format,
         "compression": plan.spec.compression,
         "columns": [{"source": c.source, "header": c.header} for c in plan.spec.columns],
+        **_shape(plan),
         "files": [{k: e[k] for k in ("name", "rows", "bytes", "sha256")} for e in entries],
         "counts": {
             "files": len(entries),
@@ -508,6 +528,21 @@ def _manifest_body(plan: _Plan, entries: list[dict[str, Any]], datamart_id: str)
     }
 
 
+def _shape(plan: _Plan) -> dict[str, Any]:
+    """Manifest keys for the newer file-shape properties, present only when they differ from the defaults, so the
+    manifests of feeds that use none of them stay byte-identical to earlier releases'."""
+    out: dict[str, Any] = {}
+    spec = plan.spec
+    if spec.file_format == "csv" and (spec.csv_delimiter != "," or not spec.csv_header):
+        out["csv"] = {"delimiter": spec.csv_delimiter, "header": spec.csv_header}
+    if plan.pgp_public_key:
+        from pipeline.pgp import inspect_keys
+
+        # bytes and sha256 of each file are those of the encrypted file, as published
+        out["encryption"] = {"type": "pgp", "recipients": list(inspect_keys(plan.pgp_public_key).fingerprints)}
+    return out
+
+
 def _load_encoded(rdir: Path) -> dict[str, Any] | None:
     """encoded.json when its files are all there with the recorded sizes; None means encode (again)."""
     try:
@@ -515,7 +550,8 @@ def _load_encoded(rdir: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     out = rdir / "out"
-    listed = list(encoded["files"]) + ([encoded["manifest"]] if encoded.get("manifest") else [])
+    listed = [*encoded["files"], *([encoded["manifest"]] if encoded.get("manifest") else []),
+              *encoded.get("markers", [])]
     for entry in listed:
         try:
             if (out / entry["local"]).stat().st_size != entry["bytes"]:
@@ -552,6 +588,11 @@ def _publish(rdir: Path, encoded: Mapping[str, Any], sink: Sink, lease: Lease) -
     if manifest:
         lease.heartbeat()
         _publish_one(sink, out / manifest["local"], manifest["name"], manifest["bytes"], sent / "manifest.json")
+        crash_point("manifest")
+    # _SUCCESS markers: only once every data file of the roll is published (the loop above)
+    for index, marker in enumerate(encoded.get("markers", []), 1):
+        lease.heartbeat()
+        _publish_one(sink, out / marker["local"], marker["name"], marker["bytes"], sent / f"marker-{index:05d}.json")
         crash_point("manifest")
 
 
@@ -613,6 +654,8 @@ def _classify(error: BaseException, attempts: int) -> RollError:
         return RollError(message, transient=error.transient, kind=error.kind, error_class=name)
     if isinstance(error, UnsafeNameError):
         return RollError(message, transient=False, kind="config", error_class=name)
+    if isinstance(error, PgpError):
+        return RollError(message, transient=error.transient, kind="encryption", error_class=name)
     if _is_corrupt_segment(error):
         # A checksum mismatch does not heal by retrying: keep the roll in failed/ for `filefeed inspect`/repair.
         return RollError(message, transient=False, kind="corrupt_segment", error_class=name)

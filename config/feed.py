@@ -245,6 +245,19 @@ class FeedProperties(BaseModel):
             return CSV_DELIMITERS[v if v == "\t" else v.strip().lower()]
         raise ValueError("must be one of ',', '\\t' (tab), '|', ';'")
 
+    @field_validator("pgp_public_key")
+    @classmethod
+    def _pgp_key(cls, v: str | None) -> str | None:
+        # A field validator (not the cross-checks) so that key problems are listed even when another field fails.
+        if v is None or not v.strip():
+            return None
+        from pipeline.pgp import inspect_keys  # gpg runs only for feeds that give a key
+
+        report = inspect_keys(v.strip())
+        if report.problems:
+            raise ValueError("; ".join(report.problems))
+        return v.strip()
+
     @field_validator("manifest_prefix")
     @classmethod
     def _manifest_prefix(cls, v: str | None) -> str | None:
@@ -328,13 +341,6 @@ class FeedProperties(BaseModel):
         if self.encryption == "pgp":
             if not self.pgp_public_key:
                 problems.append("pgp_public_key: is required with encryption = pgp")
-            else:
-                from pipeline.pgp import inspect_keys  # gpg runs only for feeds that encrypt
-
-                report = inspect_keys(self.pgp_public_key.strip())
-                problems.extend(f"pgp_public_key: {p}" for p in report.problems)
-                if not report.problems and not report.fingerprints:
-                    problems.append("pgp_public_key: holds no usable encryption key")
         elif self.pgp_public_key:
             problems.append("pgp_public_key: only valid with encryption = pgp")
         if self.done_marker is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytest_plugins = ["tests.servers"]
+pytest_plugins = ["tests.servers", "tests.pgp_keys"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ GPG = "gpg"
 GPG_BASE_SECONDS = 30.0
 GPG_SECONDS_PER_BYTE = 1 / 5_000_000
 MAX_KEY_TEXT = 256 * 1024
+CACHE_SECONDS = 3600
 EXTENSION = "gpg"
 _HASH_CHUNK = 1 << 20
 
@@ -62,13 +64,18 @@ def _base_args(home: str) -> list[str]:
     return [GPG, "--homedir", home, "--batch", "--no-tty", "--no-autostart", "--no-options", "--quiet"]
 
 
-@lru_cache(maxsize=64)
 def inspect_keys(armoured: str) -> KeyReport:
     """Usable encryption recipients among `armoured` keys, and why each other key is refused (by fingerprint).
 
     A key is usable when it is neither expired nor revoked and has a valid encryption subkey (gpg's key-level
-    capabilities carry `E` only then: an expired or revoked encryption subkey does not count).
+    capabilities carry `E` only then: an expired or revoked encryption subkey does not count). Answers are cached
+    for at most an hour: a key can expire while a feed's context is cached.
     """
+    return _inspect_keys(armoured, int(time.time() // CACHE_SECONDS))
+
+
+@lru_cache(maxsize=64)
+def _inspect_keys(armoured: str, _period: int) -> KeyReport:
     import gnupg  # python-gnupg: imported here so that feeds without encryption never need gpg
 
     if len(armoured) > MAX_KEY_TEXT:

@@ -1,6 +1,7 @@
 """Child process of the crash tests: one roll_partition call, killed at FILEFEED_CRASH_AT when that is set.
 
-Usage: python -m tests.rollover.crash_child ROOT DEST NOW_ISO FORMAT COMPRESSION MAX_ROWS
+Usage: python -m tests.rollover.crash_child ROOT DEST NOW_ISO FORMAT COMPRESSION MAX_ROWS [PROPS_JSON]
+(PROPS_JSON: more feed properties, e.g. encryption)
 Prints the RollOutcome as JSON on success.
 """
 
@@ -21,8 +22,9 @@ PARTITION = Partition("feed-1", "seg-1", "UPSERT")
 
 
 def main(argv: list[str]) -> int:
-    root, dest, now, fmt, compression, max_rows = argv
-    props = props_for(Path(dest), file_format=fmt, compression=compression, max_rows_per_file=int(max_rows))
+    root, dest, now, fmt, compression, max_rows, *extra = argv
+    more = json.loads(extra[0]) if extra else {}
+    props = props_for(Path(dest), file_format=fmt, compression=compression, max_rows_per_file=int(max_rows), **more)
     with open_sink(props) as sink:
         outcome = roll_partition(Path(root), PARTITION, props, sink, now=datetime.fromisoformat(now))
     print(json.dumps(dataclasses.asdict(outcome)))

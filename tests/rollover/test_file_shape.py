@@ -8,7 +8,10 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,8 +23,9 @@ import pytest
 from config.feed import FeedConfigError, parse_feed_properties
 from filefeed.context import build_context
 from pipeline.encode import EncodeSpec, encode_batches, header_bytes, row_bytes
+from pipeline.ledger import last_deliveries
 from pipeline.model import STAGED_SCHEMA, Partition
-from pipeline.rollover import roll_partition
+from pipeline.rollover import CRASH_ENV, roll_partition
 from sinks import open_sink
 from sinks.local import LocalSink
 from tests.pgp_keys import PgpKeys
@@ -263,3 +267,39 @@ def test_csv_without_header(root: Path, dest: Path) -> None:
     out, files = roll(root, dest, csv_header=False, compression="none", columns="identifier")
     text = files[out.files[0]].decode()
     assert text.splitlines() == [f"{i:064x}" for i in range(40_000)]
+
+
+# -- crash and resume ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crash_at", ["encode_file:2", "encode", "publish:1", "manifest"])
+def test_pgp_and_size_cap_roll_resumed_after_kill_publishes_recorded_bytes_once(
+    root: Path, dest: Path, pgp_keys: PgpKeys, crash_at: str
+) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    stage_segment(root, P, "w1-000001.jnl", make_rows(2500))
+    extra = json.dumps({"encryption": "pgp", "pgp_public_key": pgp_keys.good, "max_file_bytes": 60_000})
+
+    def child(crash: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != CRASH_ENV} | {"PYTHONPATH": str(repo)}
+        if crash:
+            env[CRASH_ENV] = crash
+        return subprocess.run([sys.executable, "-m", "tests.rollover.crash_child", str(root), str(dest),
+                               NOW.isoformat(), "csv", "gzip", "1000000", extra], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert child(crash_at).returncode == 137
+    before = destination_files(dest)
+    done = child(None)
+    assert done.returncode == 0, done.stderr
+    files = destination_files(dest)
+    assert all(files[name] == data for name, data in before.items())  # nothing published was rewritten
+    (entry,) = last_deliveries(root, P)
+    assert [f["name"] for f in entry.files] == sorted(n for n in files if n.endswith(".gpg"))
+    lines = []
+    for f in entry.files:
+        assert hashlib.sha256(files[f["name"]]).hexdigest() == f["sha256"]
+        clear = gzip.decompress(pgp_keys.decrypt(files[f["name"]]))
+        assert len(clear) <= 60_000
+        lines += clear.decode().splitlines()[1:]
+    assert [line.split(",")[3] for line in lines] == [f"{i:064x}" for i in range(2500)]

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.rollover import CASES, FEED, OPERATION, SEGMENT, peak_rss_mb, stage  # noqa: E402
+from bench.rollover import CASES, link_staged, peak_rss_mb, run_json_child, stage  # noqa: E402
 
 TARGET_RATIO = 0.8
 TARGET_RSS_MB = 300
@@ -54,18 +54,11 @@ def make_key(home: Path) -> str:
 
 def child(mode: str, master: Path, work: Path, case: str, key_file: Path) -> dict:
     from config.feed import parse_feed_properties
-    from pipeline.model import Partition
     from pipeline.rollover import roll_partition
     from sinks import open_sink
 
     fmt, compression = CASES[case]
-    partition = Partition(FEED, SEGMENT, OPERATION)
-    root, dest = work / "root", work / "dest"
-    sealed = root / partition.relpath / "sealed"
-    sealed.mkdir(parents=True)
-    dest.mkdir()
-    for segment in sorted((master / "sealed").iterdir()):
-        os.link(segment, sealed / segment.name)
+    partition, root, dest = link_staged(master, work)
     armoured = key_file.read_text()
     raw = {"destination_uri": f"file://{dest}", "file_format": fmt, "compression": compression,
            "max_rows_per_file": 5_000_000}
@@ -99,11 +92,7 @@ def child(mode: str, master: Path, work: Path, case: str, key_file: Path) -> dic
 
 
 def run(mode: str, master: Path, work: Path, case: str, key_file: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", mode, str(master), str(work), case, str(key_file)],
-                          capture_output=True, text=True, cwd=REPO, timeout=3600)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} child failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child([__file__, "--child", mode, str(master), str(work), case, str(key_file)], f"{mode} child")
 
 
 def main() -> int:

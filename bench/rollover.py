@@ -27,6 +27,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -89,11 +90,9 @@ def stage(master: Path, rows: int, frame_rows: int) -> list[Path]:
     return paths
 
 
-def child_roll(master: Path, work: Path, fmt: str, compression: str) -> dict:
-    from config.feed import FeedProperties
+def link_staged(master: Path, work: Path) -> tuple[Any, Path, Path]:
+    """A staging root under `work` holding links to the master segments, and an empty destination folder."""
     from pipeline.model import Partition
-    from pipeline.rollover import roll_partition
-    from sinks import open_sink
 
     partition = Partition(FEED, SEGMENT, OPERATION)
     root, dest = work / "root", work / "dest"
@@ -102,6 +101,15 @@ def child_roll(master: Path, work: Path, fmt: str, compression: str) -> dict:
     dest.mkdir()
     for segment in sorted((master / "sealed").iterdir()):
         os.link(segment, sealed / segment.name)  # the roll renames and deletes: give it its own links
+    return partition, root, dest
+
+
+def child_roll(master: Path, work: Path, fmt: str, compression: str) -> dict:
+    from config.feed import FeedProperties
+    from pipeline.rollover import roll_partition
+    from sinks import open_sink
+
+    partition, root, dest = link_staged(master, work)
     props = FeedProperties(
         destination_uri=f"file://{dest}", file_format=fmt, compression=compression, max_rows_per_file=5_000_000
     )
@@ -181,17 +189,18 @@ def child_raw_mt(master: Path, work: Path, fmt: str, compression: str) -> dict:
 CHILDREN = {"roll": child_roll, "raw": child_raw, "raw-mt": child_raw_mt}
 
 
+def run_json_child(args: list[str], what: str) -> dict:
+    """Run `python <args>` from the repo; its last stdout line is the JSON result."""
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_child(mode: str, master: Path, work: Path, case: str) -> dict:
     fmt, compression = CASES[case]
-    done = subprocess.run(
-        [sys.executable, __file__, f"--child-{mode}", str(master), str(work), fmt, compression],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} child for {case} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child([__file__, f"--child-{mode}", str(master), str(work), fmt, compression],
+                          f"{mode} child for {case}")
 
 
 def main() -> int:

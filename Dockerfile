@@ -1,8 +1,7 @@
 # filefeed plugin image. Its install step is the project's own `scripts/install.sh --runtime` (the project and its
-# runtime dependencies and Debian's gnupg for encryption = pgp; no test tools, no S3/GCS emulator wheels), the same
-# script CI runs in its
-# full mode, so a change to the install is exercised by every CI run (tests/deploy/test_image.py runs the runtime
-# mode in a fresh virtualenv and probes the server with this file's HEALTHCHECK command).
+# runtime dependencies, and Debian's gnupg for encryption = pgp; no test tools, no S3/GCS emulator wheels), the same
+# script CI runs in its full mode, so a change to the install is exercised by every CI run (tests/deploy/
+# test_image.py runs the runtime mode in a fresh virtualenv and probes the server with this file's HEALTHCHECK).
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

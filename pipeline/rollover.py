@@ -713,6 +713,16 @@ def _run_roll(
     return _RollDone(roll_id, [f["name"] for f in encoded["files"]], int(encoded["rows"]))
 
 
+def _rekey(rdir: Path, props: FeedProperties) -> None:
+    """Give a failed encrypted roll the feed's current keys, when it never recorded its encoded files."""
+    if (rdir / "encoded.json").exists() or props.encryption != "pgp" or not props.pgp_public_key:
+        return
+    plan = read_json(rdir / "plan.json")
+    if plan.get("pgp_public_key") and plan["pgp_public_key"] != props.pgp_public_key.strip():
+        plan["pgp_public_key"] = props.pgp_public_key.strip()
+        atomic_write_json(rdir / "plan.json", plan)
+
+
 def _clean_hidden_leftovers(pdir: Path) -> None:
     rolling = pdir / ROLLING
     try:
@@ -809,11 +819,14 @@ def retry_failed(
     *,
     roll_ids: Iterable[str] | None = None,
     wait_seconds: float = 0.0,
+    props: FeedProperties | None = None,
 ) -> RollOutcome:
     """Move failed rolls (all, or `roll_ids`) back to rolling/ and resume them with their own plans.
 
     The old reason.json is kept as `last_failure.json` in the roll folder for the operator; the attempt count
-    starts again so unknown errors get their retries back.
+    starts again so unknown errors get their retries back. With `props`, an encrypted roll that has not finished
+    encoding takes the feed's current `pgp_public_key` (the fix for a key that expired or was revoked since the
+    plan): keys decide no name, and nothing of such a roll was published.
     """
     pdir = partition_dir(root, partition)
     lease = Lease.acquire(pdir, wait_seconds=wait_seconds)
@@ -830,6 +843,8 @@ def retry_failed(
             if (fdir / "reason.json").exists():
                 os.replace(fdir / "reason.json", fdir / "last_failure.json")
             (fdir / "attempts.json").unlink(missing_ok=True)
+            if props is not None:
+                _rekey(fdir, props)
             os.rename(fdir, rolling / roll_id)
             fsync_dir(rolling)
             fsync_dir(pdir / FAILED)

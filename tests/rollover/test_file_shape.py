@@ -25,7 +25,7 @@ from filefeed.context import build_context
 from pipeline.encode import EncodeSpec, encode_batches, header_bytes, row_bytes
 from pipeline.ledger import last_deliveries
 from pipeline.model import STAGED_SCHEMA, Partition
-from pipeline.rollover import CRASH_ENV, roll_partition
+from pipeline.rollover import CRASH_ENV, failed_rolls, pending_rolls, retry_failed, roll_partition
 from sinks import open_sink
 from sinks.local import LocalSink
 from tests.pgp_keys import PgpKeys
@@ -291,3 +291,33 @@ def test_pgp_and_size_cap_roll_resumed_after_kill_publishes_recorded_bytes_once(
         assert len(clear) <= 60_000
         lines += clear.decode().splitlines()[1:]
     assert [line.split(",")[3] for line in lines] == [f"{i:064x}" for i in range(2500)]
+
+
+def test_roll_whose_key_was_revoked_fails_naming_it_then_retry_uses_the_new_key(root: Path, dest: Path,
+                                                                               pgp_keys: PgpKeys) -> None:
+    stage_segment(root, P, "w1-000001.jnl", make_rows(50))
+    props = parse_feed_properties({"destination_uri": f"file://{dest}", "encryption": "pgp",
+                                   "pgp_public_key": pgp_keys.second})
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV} | {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]), CRASH_ENV: "moves"}
+    extra = json.dumps({"encryption": "pgp", "pgp_public_key": pgp_keys.second})
+    done = subprocess.run([sys.executable, "-m", "tests.rollover.crash_child", str(root), str(dest), NOW.isoformat(),
+                           "csv", "gzip", "1000000", extra], env=env, capture_output=True, timeout=120)
+    assert done.returncode == 137
+    (roll_id,) = pending_rolls(root, P)
+    # the key of the plan was revoked since (the partner's revoked key text, as a feed would get it)
+    plan_path = root / P.relpath / "rolling" / roll_id / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    plan["pgp_public_key"] = pgp_keys.revoked
+    plan_path.write_text(json.dumps(plan))
+    with open_sink(props) as sink:
+        out = roll_partition(root, P, props, sink, now=NOW)
+    assert out.status == "terminal" and out.error_kind == "encryption"
+    assert pgp_keys.fingerprints["revoked"] in (out.error or "")
+    assert failed_rolls(root, P) == [roll_id] and destination_files(dest) == {}
+    with open_sink(props) as sink:
+        again = retry_failed(root, P, sink, props=props)
+    assert again.status == "published", again.error
+    (name,) = again.files
+    clear = gzip.decompress(pgp_keys.decrypt(destination_files(dest)[name]))
+    assert len(clear.splitlines()) == 51

@@ -48,7 +48,6 @@ DEFAULT_COMPRESSION = {"csv": "gzip", "parquet": "snappy"}
 
 # csv_delimiter values; a tab may arrive as a real tab, `\t` or `tab` (a form field cannot hold a tab easily)
 CSV_DELIMITERS = {",": ",", "\t": "\t", "\\t": "\t", "tab": "\t", "|": "|", ";": ";"}
-DONE_MARKERS = ("manifest", "success_file", "none")
 SUCCESS_FILE_NAME = "_SUCCESS"
 
 SECRET_PROPERTIES = frozenset(

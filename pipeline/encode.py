@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
@@ -386,20 +385,20 @@ def header_bytes(spec: EncodeSpec) -> int:
     return len(spec.csv_delimiter.join(c.header for c in spec.columns).encode("utf-8")) + 1
 
 
-def row_bytes(batch: pa.RecordBatch, delimiter: str = ",") -> np.ndarray:
-    """Bytes of each row of `batch` as a CSV line (delimiters, minimal quoting and the newline included).
+def row_bytes(batch: pa.RecordBatch, delimiter: str = ",") -> pa.Array:
+    """Bytes of each row of `batch` as a CSV line (delimiters, minimal quoting and the newline included), int64.
 
     What `max_file_bytes` counts: computed from the values only, so a resumed roll splits at the same rows.
     """
-    sizes = np.full(batch.num_rows, batch.num_columns, dtype=np.int64)  # delimiters + newline
     special = "[" + "".join("\\" + ch if ch in "|\\^]-[" else ch for ch in delimiter) + '"\r\n]'
+    sizes: Any = pa.scalar(batch.num_columns, pa.int64())  # the delimiters and the newline
     for column in batch.columns:
         text = column if pa.types.is_string(column.type) else pc.cast(column, pa.string())
-        sizes += pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
+        sizes = pc.add(sizes, pc.cast(pc.fill_null(pc.binary_length(text), 0), pa.int64()))
         quoted = pc.fill_null(pc.match_substring_regex(text, special), False)
         if pc.any(quoted).as_py():
-            sizes += 2 * quoted.to_numpy(zero_copy_only=False)
-            sizes += pc.fill_null(pc.count_substring(text, '"'), 0).to_numpy(zero_copy_only=False)
+            sizes = pc.add(sizes, pc.multiply(pc.cast(quoted, pa.int64()), 2))
+            sizes = pc.add(sizes, pc.cast(pc.fill_null(pc.count_substring(text, '"'), 0), pa.int64()))
     return sizes
 
 
@@ -665,11 +664,13 @@ class _ByteBudget:
         self.header = header_bytes(spec)
         self.used = 0
         self.full = False
-        self._cumulative: np.ndarray | None = None
+        self._cumulative: pa.Array | None = None  # bytes of the batch's rows before each row, then the total
 
     def measure(self, batch: pa.RecordBatch) -> None:
         if self.cap is not None:
-            self._cumulative = np.concatenate(([0], np.cumsum(row_bytes(batch, self.delimiter))))
+            self._cumulative = pa.concat_arrays(
+                [pa.array([0], pa.int64()), pc.cumulative_sum(row_bytes(batch, self.delimiter))]
+            )
 
     def start_file(self) -> None:
         self.used = self.header
@@ -678,12 +679,13 @@ class _ByteBudget:
     def rows_that_fit(self, offset: int, wanted: int, rows_in_file: int) -> int:
         if self.cap is None or self._cumulative is None:
             return wanted
-        base = self._cumulative[offset]
-        window = self._cumulative[offset + 1 : offset + wanted + 1] - base
-        take = int(np.searchsorted(window, self.cap - self.used, side="right"))
+        base = self._cumulative[offset].as_py()
+        # cumulative sizes only grow: the rows that fit are those whose running total stays within the budget
+        window = self._cumulative.slice(offset + 1, wanted)
+        take = pc.sum(pc.cast(pc.less_equal(window, base + self.cap - self.used), pa.int64())).as_py() or 0
         if take == 0 and rows_in_file == 0:
             take = 1
-        self.used += int(self._cumulative[offset + take] - base)
+        self.used += self._cumulative[offset + take].as_py() - base
         self.full = take < wanted
         return take
 

@@ -408,9 +408,13 @@ def _may_need_quotes(text: pa.Array, delimiter: str) -> bool:
     """Whether any value may hold a character that needs quotes: one memchr-speed scan of the values' bytes (the
     regex runs only then; values needing quotes are rare in identifiers)."""
     data = text.buffers()[2]
-    if data is None:
+    if data is None or len(text) == 0:
         return False
-    raw = data.to_pybytes()
+    # only the bytes of this array's values: a slice shares its parent's (possibly much larger) buffer
+    width = pa.int64() if pa.types.is_large_string(text.type) else pa.int32()
+    offsets = pa.Array.from_buffers(width, len(text) + 1, [None, text.buffers()[1]], offset=text.offset)
+    start, end = offsets[0].as_py(), offsets[-1].as_py()
+    raw = data.slice(start, end - start).to_pybytes()
     return any(ch.encode() in raw for ch in (delimiter, '"', "\r", "\n"))
 
 

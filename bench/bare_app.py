@@ -53,7 +53,7 @@ class _GroupCommit:
         self.path = os.path.join(folder, f"durable-baseline-{os.getpid()}.bin")
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
         self.pending: list[asyncio.Future[None]] = []
-        from pipeline.staging import INLINE_MAX_HOPS  # here, so the plain baseline never loads pyarrow
+        from pipeline.staging.writer import INLINE_MAX_HOPS  # here, so the plain baseline never loads pyarrow
 
         self.max_hops = INLINE_MAX_HOPS
 

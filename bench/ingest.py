@@ -2,6 +2,7 @@
 answer) beside a bare endpoint of the same HTTP stack, loaded by wrk from the same machine, in one command.
 
     python bench/ingest.py [--seconds 30] [--workers 2] [--connections 64] [--soak 0]
+    python bench/ingest.py --feeds 1,50,1000 [--rounds 2] [--repo PATH]
 
 Prints requests/s, p50/p99 latency, the ratio filefeed/bare, server RSS at start and end, and checks that the staged
 rows equal the acknowledged ones. `--soak 300` adds a 5-minute run reporting RSS every 30 s.
@@ -9,6 +10,10 @@ rows equal the acknowledged ones. `--soak 300` adds a 5-minute run reporting RSS
 A third server, `durable`, is the bare endpoint plus a group-committed write + fsync before each answer and nothing
 else (bench/bare_app.py): the most any durable endpoint can do on this stack and disk. Its ratio to bare is the
 ceiling of filefeed's; filefeed/durable is the share left after filefeed's own work.
+
+`--feeds N1,N2,...` measures the cost of partitions instead (see run_feeds): one filefeed server with max(N) feeds of
+one segment each, the same load spread over the first N feeds, rounds interleaved; it prints each N's figures and
+its ratio to the 1-feed (first N) figure. `--repo` runs the server from another checkout (the previous release).
 """
 
 from __future__ import annotations
@@ -101,10 +106,10 @@ def tree_rss_mb(pid: int) -> float:
 _RUNS = iter(range(1, 1 << 16))
 
 
-def run_wrk(url: str, seconds: int, connections: int, threads: int, script: Path) -> dict[str, float]:
+def run_wrk(url: str, seconds: int, connections: int, threads: int, script: Path, *extra: str) -> dict[str, float]:
     """One wrk run; every run sends identifiers no other run sent (the run number is in each of them)."""
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency",
-                          "-s", str(script), url, "--", str(next(_RUNS))], capture_output=True, text=True,
+                          "-s", str(script), url, "--", str(next(_RUNS)), *extra], capture_output=True, text=True,
                          check=True).stdout
     m = re.search(r"RESULT requests=(\d+) errors=(\d+) status_errors=(\d+) p50_us=(\d+) p99_us=(\d+) "
                   r"duration_us=(\d+)", out)
@@ -120,6 +125,81 @@ def staged_rows(staging: Path) -> int:
 
     st = Staging(staging)
     return sum(st.stats(p).rows for p in st.partitions())
+
+
+# The same update, spread over `nfeeds` feeds (feed f<k>, segment s<k>), derived from LUA so both send the same body.
+LUA_FEEDS = LUA
+for _old, _new in (('"feed_id":"42"', '"feed_id":"f%d"'), ('"segment_id":"451256"', '"segment_id":"s%d"'),
+                   ("  run = tonumber(args[1]) or 0\n", "  run = tonumber(args[1]) or 0\n  nfeeds = tonumber(args[2]) or 1\n"),
+                   ("  local body = string.format(template, run,",
+                    "  local k = (counter * 7919 + tid) % nfeeds + 1\n  local body = string.format(template, k, k, run,")):
+    assert _old in LUA_FEEDS, _old
+    LUA_FEEDS = LUA_FEEDS.replace(_old, _new)
+
+
+def run_feeds(args: argparse.Namespace) -> None:
+    """Ingest over 1, 50, 1,000... feeds of one segment each: does the durability cost grow with the partitions?"""
+    counts = sorted({int(n) for n in args.feeds.split(",")})
+    repo = Path(args.repo).resolve() if args.repo else ROOT
+    tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-feeds-"))
+    script = tmp / "feeds.lua"
+    script.write_text(LUA_FEEDS)
+    out = tmp / "delivery"
+    out.mkdir()
+    toml = tmp / "feeds.toml"
+    toml.write_text("".join(f'[feeds.f{k}]\ndestination_uri = "{out.as_uri()}"\n'
+                            'identifier_types = "USER_EMAIL,USER_POINT"\nmax_buffer_age_seconds = 86400\n\n'
+                            for k in range(1, max(counts) + 1)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_"))}
+    env.update({"FILEFEED_FEEDS": str(toml), "FILEFEED_STAGING_DIR": str(tmp / "staging"),
+                "FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_LOG_LEVEL": "WARN", "PYTHONPATH": str(repo)})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", str(args.workers)], env=env, cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / "filefeed.log", "wb"))
+    results: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+    acknowledged = sent_runs = 0
+
+    def one(n: int, seconds: int) -> dict[str, float]:
+        nonlocal acknowledged, sent_runs
+        r = run_wrk(url, seconds, args.connections, args.wrk_threads, script, str(n))
+        acknowledged += r["requests"] - r["status_errors"]
+        sent_runs += 1
+        return r
+
+    try:
+        wait_ready(url, proc)
+        for n in counts:
+            one(n, 3)  # warm-up: every feed's context loaded, every partition folder made
+        for _ in range(args.rounds):
+            for n in counts:
+                results[n].append(one(n, args.seconds))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    print(f"ingest --feeds: user_segment_update, 2 identifiers, one segment per feed, {args.workers} workers, "
+          f"wrk -c{args.connections} -t{args.wrk_threads}, {args.rounds} interleaved rounds of {args.seconds}s, "
+          f"server code from {repo}")
+    base = sum(r["requests"] for r in results[counts[0]])
+    for n in counts:
+        rs = results[n]
+        rps = sum(r["requests"] for r in rs) / (args.seconds * len(rs))
+        p50 = max(r["p50_ms"] for r in rs)
+        p99 = max(r["p99_ms"] for r in rs)
+        errors = sum(r["errors"] for r in rs)  # socket errors and timeouts
+        non_2xx = sum(r["status_errors"] for r in rs)
+        per_round = ", ".join(f"{r['rps']:,.0f}" for r in rs)
+        print(f"  {n:6,d} feeds {rps:9,.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  errors {errors} non-2xx {non_2xx}  "
+              f"ratio to {counts[0]} feed(s) {sum(r['requests'] for r in rs) / base:.2f}  (rounds: {per_round})")
+    print("  targets: 50 feeds >= 0.85 and 1,000 feeds >= 0.70 of the 1-feed figure")
+    rows = staged_rows(tmp / "staging")
+    slack = 2 * args.connections * sent_runs
+    ok = 2 * acknowledged <= rows <= 2 * acknowledged + slack
+    print(f"  staged rows on disk {rows:,}; 2 x acknowledged requests {2 * acknowledged:,} "
+          f"(+ at most {slack:,} in flight at wrk's stops): {'OK' if ok else 'MISMATCH'}")
+    print(f"  load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def setup() -> tuple[Path, Path, dict[str, str]]:
@@ -253,6 +333,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--soak", type=int, default=0, help="extra seconds of load reporting RSS (300 = 5 minutes)")
     ap.add_argument("--peer", choices=peer.PEERS, help="filefeed against this peer instead of the bare baselines")
+    ap.add_argument("--feeds", help="comma-separated feed counts: ingest spread over N feeds (see run_feeds)")
+    ap.add_argument("--repo", help="with --feeds: run the server from this checkout (default: this one)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk (scripts/install.sh does)")
@@ -263,6 +345,9 @@ def main() -> None:
         return
     args.connections = args.connections or 64
     args.wrk_threads = args.wrk_threads or 1
+    if args.feeds:
+        run_feeds(args)
+        return
     tmp, script, env = setup()
     servers = {
         "bare": [sys.executable, "-m", "bench.serve_bare", "bench.bare_app:create_app"],

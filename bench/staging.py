@@ -25,7 +25,8 @@ import pyarrow.csv as pacsv  # noqa: E402
 
 from pipeline.journal import encode_frame  # noqa: E402
 from pipeline.model import STAGED_FIELDS, Partition  # noqa: E402
-from pipeline.staging import _CONVERT_OPTIONS, _PARSE_OPTIONS, Staging, iter_batches  # noqa: E402
+from pipeline.staging import Staging, iter_batches  # noqa: E402
+from pipeline.staging.reading import _CONVERT_OPTIONS, _PARSE_OPTIONS  # noqa: E402
 
 PARTITION = Partition("bench", "seg1", "UPSERT")
 

@@ -62,6 +62,8 @@ class ServiceSettings(BaseSettings):
     dedup_window: int = Field(default=200_000, ge=0)
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     max_staged_bytes: int | None = Field(default=None, ge=1)
+    max_open_files: int = Field(default=16, ge=3, le=4096, description="descriptors one worker's staging may hold: its "
+                                "journal, sealed journals waiting for their split, the split's file")
     retry_delay_ms: int = Field(default=5_000, ge=0)
     commit_mode: Literal["inline", "thread"] = Field(
         default="inline", description="inline: group commit on the event loop (fast fsync); thread: committer thread")

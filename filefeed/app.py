@@ -54,6 +54,7 @@ class Plugin:
             dedup_window=settings.dedup_window,
             min_free_bytes=settings.min_free_bytes,
             max_staged_bytes=settings.max_staged_bytes,
+            max_open_files=settings.max_open_files,
             inline_commit=settings.commit_mode == "inline",
         )
         self.tasks: list[asyncio.Task] = []

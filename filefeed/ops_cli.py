@@ -210,12 +210,13 @@ def status(feed: str | None = typer.Option(None, help="only this feed"),
             out.print(f"[yellow]{escape(line)}[/yellow]", soft_wrap=True)
 
 
-def _segment_rows(path: Path, limit: int, prefix: tuple = ()) -> Iterator[tuple]:
-    """Rows of a segment; a segment still being written may end in a torn frame: stop there, quietly."""
+def _segment_rows(path: Path, limit: int, prefix: tuple = (), partition: Partition | None = None) -> Iterator[tuple]:
+    """Rows of a segment (of a writer journal: `partition`'s, or all); one being written may end in a torn frame:
+    stop there, quietly."""
     from pipeline.staging import CorruptSegment, iter_rows
 
     try:
-        for r in iter_rows(path):
+        for r in iter_rows(path, partition):
             yield (*prefix, *r)
     except FileNotFoundError:
         return  # sealed or rolled while we read
@@ -355,7 +356,7 @@ def _staged_rows(feed_id: str, partition: str | None, limit: int) -> tuple[list[
     with _staging(settings) as staging:
         for p in parts:
             for seg_path in staging.sealed_segments(p) + staging.open_segments(p):
-                for r in _segment_rows(seg_path, limit, (p.segment_id, p.operation)):
+                for r in _segment_rows(seg_path, limit, (p.segment_id, p.operation), p):
                     rows.append(r)
                     if limit and len(rows) >= limit:
                         return ["segment_id", "operation", *STAGED_FIELDS], rows

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -29,9 +26,12 @@ import orjson
 from pipeline import delivery
 from pipeline.identifiers import MAX_VALUE_LENGTH
 from pipeline.journal import encode_frame, encode_lines
-from pipeline.ledger import FAILED, ROLLING, atomic_write_bytes, consumed_segments, partition_dir
+from pipeline.layout import FORBIDDEN_RE as _FORBIDDEN
+from pipeline.layout import SEALED, SUFFIX
+from pipeline.layout import SEGMENT_NAME_RE as _REF
+from pipeline.layout import roll_folder_holding as _roll_folder_holding
+from pipeline.ledger import atomic_write_bytes, consumed_segments, partition_dir
 from pipeline.model import OPERATIONS, Partition
-from pipeline.staging import SEALED
 
 if TYPE_CHECKING:
     from config.settings import ServiceSettings
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from pipeline.staging import Staging
 
 log = logging.getLogger("filefeed.batch")
-SUFFIX = ".jnl"
 
 
 class BatchError(ValueError):
@@ -52,8 +51,6 @@ class _PartitionWork:
     rows: list[tuple[tuple, str | None]] = field(default_factory=list)  # (row, ref or None)
 
 
-_FORBIDDEN = re.compile("[\t\n\r\0]")
-_REF = re.compile(r"[A-Za-z0-9_-]{1,48}-[0-9]{8,12}")  # a staging segment name (pipeline.staging)
 
 
 def _text(v: Any) -> str | None:
@@ -147,16 +144,6 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
     return {p: w for p, w in work.items() if w.rows}, invalid
 
 
-def _roll_folder_holding(pdir: Path, name: str) -> str | None:
-    """"rolling" or "failed" when a roll folder of the partition holds segment file `name`."""
-    for state in (ROLLING, FAILED):
-        try:
-            for roll in os.scandir(pdir / state):
-                if (pdir / state / roll.name / "segments" / name).exists():
-                    return state
-        except FileNotFoundError:
-            continue
-    return None
 
 def locate_segment(staging: Staging, partition: Partition, name: str) -> str | None:
     """Where a segment is: "open", "sealed", "rolling", "failed", "published", or None when this volume never had it.

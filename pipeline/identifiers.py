@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 
 from config.feed import IdentifierSelector
 from pipeline.transforms import EmailTransform
+from pipeline.layout import Row
 
 _HEX_HASH = re.compile(r"(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64}|[0-9a-fA-F]{128})")
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_VALUE_LENGTH = 1024
 
-# A staged row: (identifier_type, identifier, ts, session_id, datamart_id, user_point_id), STAGED_FIELDS order.
-Row = tuple[str, str, int, str, str, str]
 
 
 class RequestError(ValueError):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.identifiers import RequestError
 from pipeline.model import OPERATIONS, Partition, check_id
 from pipeline.staging import StagingFull
+from pipeline.staging.results import full_error
 
 if TYPE_CHECKING:
     from filefeed.context import FeedContext
@@ -72,7 +73,10 @@ async def ingest_update(staging: Staging, ctx: FeedContext, body: dict[str, Any]
                 "stats": ex.stats or None}
     try:
         res = await staging.submit(partition, ex.rows)
-    except StagingFull as e:
+    except (StagingFull, OSError) as err:
+        e = full_error(err)  # EMFILE, ENFILE, ENOSPC anywhere on the way: retry later, like a full staging
+        if not isinstance(e, StagingFull):
+            raise
         delay = max(int(getattr(e, "retry_after_ms", 0) or 0), retry_delay_ms)
         return {"status": "retry", "message": f"staging is full: {e}", "next_msg_delay_in_ms": delay}
     op = partition.operation

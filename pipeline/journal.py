@@ -7,6 +7,14 @@ A segment file is a sequence of frames. A frame is one header line followed by i
 
 Values never contain TAB, LF, CR or NUL (they are refused before staging), so the TSV needs no quoting or escaping:
 `head` on a segment is readable, and pyarrow's CSV reader parses payloads at C speed.
+
+A writer journal (journal/open/<writer>-<seq>.jnl) holds the rows of every partition its writer staged: each frame
+is preceded by one tag line naming its partition, checksummed on its own::
+
+    @<feed_id> <segment_id> <operation> <crc32 of "<feed_id> <segment_id> <operation>", 8 hex>\n
+    <frame>
+
+Splitting a journal copies each frame, untouched, into its partition's segment.
 """
 
 from __future__ import annotations
@@ -17,18 +25,15 @@ from dataclasses import dataclass, field
 
 from isal.isal_zlib import crc32  # zlib's CRC-32, about 4x faster than the zlib module's (PCLMUL)
 
-from pipeline.model import STAGED_FIELDS
-
-# Characters that would break a TSV line. CR counts because pyarrow (like most CSV readers) ends a line on it.
-FORBIDDEN_CHARS = "\t\n\r\0"
-_FORBIDDEN_RE = re.compile("[\t\n\r\0]")
+from pipeline.layout import FORBIDDEN_CHARS, FORBIDDEN_RE, Row  # noqa: F401 - FORBIDDEN_CHARS re-exported
+from pipeline.model import STAGED_FIELDS, Partition
 
 # '#' + 8 hex + ' ' + up to 10 digits (payload length) + ' ' + up to 9 digits (rows) + ' ' + up to 15 digits + '\n'.
 MAX_HEADER_BYTES = 48
 _HEADER_RE = re.compile(rb"#([0-9a-f]{8}) (0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,8}) (0|[1-9][0-9]{0,14})\n")
 _FIELDS_PER_ROW = len(STAGED_FIELDS)
-
-Row = tuple[str, str, int, str, str, str]
+_TAG_RE = re.compile(rb"@([A-Za-z0-9_-]{1,64}) ([A-Za-z0-9_-]{1,64}) (UPSERT|DELETE) ([0-9a-f]{8})\n")
+MAX_TAG_BYTES = 1 + 64 + 1 + 64 + 1 + 6 + 1 + 8 + 1
 
 
 class FrameError(ValueError):
@@ -46,13 +51,13 @@ def clean_value(value: str, field_name: str = "value") -> str:
 
     Identifiers are never rewritten here: silently changing a hashed id would deliver a different person.
     """
-    if _FORBIDDEN_RE.search(value):
+    if FORBIDDEN_RE.search(value):
         raise ValueError(f"{field_name} must not contain tab, newline, carriage return or NUL characters")
     return value
 
 
 def is_clean_value(value: str) -> bool:
-    return _FORBIDDEN_RE.search(value) is None
+    return FORBIDDEN_RE.search(value) is None
 
 
 def encode_lines(rows: Sequence[Row]) -> tuple[list[str], bytes]:
@@ -215,6 +220,98 @@ def _resync(buf: bytes | bytearray, start: int, end: int) -> int | None:
         if isinstance(check_frame(buf, cand, end), Frame):
             return cand
         pos = cand + 1
+
+
+def encode_tag(partition: Partition) -> bytes:
+    """The tag line that precedes each frame of `partition` in a writer journal."""
+    body = f"{partition.feed_id} {partition.segment_id} {partition.operation}".encode()
+    return b"@%s %08x\n" % (body, crc32(body))
+
+
+_TAGS: dict[bytes, Partition] = {}
+
+
+def parse_tag(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[Partition, int] | None:
+    """(partition, tag length) of the valid tag line at `pos`, or None."""
+    m = _TAG_RE.match(buf, pos, min(end, pos + MAX_TAG_BYTES))
+    if m is None:
+        return None
+    line = m[0]
+    partition = _TAGS.get(line)
+    if partition is None:
+        if crc32(line[1:-10]) != int(m[4], 16):
+            return None
+        partition = Partition(m[1].decode(), m[2].decode(), m[3].decode())
+        if len(_TAGS) < 65536:
+            _TAGS[line] = partition
+    return partition, len(line)
+
+
+def check_record(buf: bytes | bytearray, pos: int, end: int) -> tuple[Partition, Frame] | FrameError:
+    """The valid journal record (tag + frame) at `pos`, or why there is none."""
+    tag = parse_tag(buf, pos, end)
+    if tag is None:
+        if end - pos < MAX_TAG_BYTES and b"\n" not in bytes(buf[pos:end]):
+            return FrameError(pos, "tag cut short", incomplete=True)
+        return FrameError(pos, "malformed partition tag")
+    res = check_frame(buf, pos + tag[1], end)
+    if isinstance(res, FrameError):
+        return FrameError(pos, res.reason, incomplete=res.incomplete)
+    return tag[0], res
+
+
+@dataclass
+class JournalScan:
+    """What a full scan of one writer journal found: its valid frames by partition, and any damage."""
+
+    size: int
+    frames: dict[Partition, list[Frame]] = field(default_factory=dict)
+    bad: list[tuple[int, int, str]] = field(default_factory=list)
+    good_end: int = 0  # end of the last valid record
+
+    @property
+    def valid(self) -> bool:
+        return not self.bad
+
+    @property
+    def torn_tail_only(self) -> bool:
+        return len(self.bad) == 1 and self.bad[0][0] == self.good_end and self.bad[0][1] == self.size
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for frames in self.frames.values() for f in frames)
+
+    def rows_lost_estimate(self) -> int:
+        lost = sum(e - s for s, e, _ in self.bad)
+        good_rows = self.rows
+        good_bytes = sum(f.payload_len for frames in self.frames.values() for f in frames)
+        avg = good_bytes / good_rows if good_rows else 150.0
+        return round(lost / avg) if lost else 0
+
+
+def scan_journal(buf: bytes | bytearray | memoryview) -> JournalScan:
+    """Scan a whole writer journal, resynchronising after damage on the next valid record."""
+    size = len(buf)
+    scan = JournalScan(size)
+    pos = 0
+    while pos < size:
+        res = check_record(buf, pos, size)  # type: ignore[arg-type]
+        if not isinstance(res, FrameError):
+            partition, frame = res
+            scan.frames.setdefault(partition, []).append(frame)
+            pos = scan.good_end = frame.end
+            continue
+        nxt = pos + 1
+        while True:
+            cand = buf.find(b"@", nxt, size)  # type: ignore[union-attr]
+            if cand < 0 or not isinstance(check_record(buf, cand, size), FrameError):  # type: ignore[arg-type]
+                break
+            nxt = cand + 1
+        scan.bad.append((pos, cand if cand >= 0 else size, res.reason))
+        if cand < 0:
+            break
+        pos = cand
+    return scan
 
 
 def iter_payload_lines(payload: bytes) -> Iterator[Row]:

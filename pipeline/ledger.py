@@ -3,7 +3,7 @@
 State lives in folders whose names say the state (style.md, dlt's load packages):
 
     <root>/feeds/<feed>/<segment>/<op>/
-        sealed/<writer>-<seq>.jnl        staged segments, complete (staging owns open/)
+        sealed/<writer>-<seq>.jnl        staged segments, complete (split from staging's writer journals)
         lease                            the roller holding the partition (pid, host, time)
         rolling/<roll_id>/               a roll in progress: plan.json, segments/, out/, encoded.json, sent/
         published/<roll_id>.json         the ledger: what was published, under which names, from which segments
@@ -24,18 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.durable import atomic_write_bytes, fsync_dir  # noqa: F401 - re-exported for rollover
+from pipeline.layout import FAILED, OPEN, PUBLISHED, ROLLING, SEALED, partition_dir  # noqa: F401 - re-exported
 from pipeline.model import Partition
 
-SEALED = "sealed"
-OPEN = "open"
-ROLLING = "rolling"
-PUBLISHED = "published"
-FAILED = "failed"
 LEDGER_VERSION = 1
-
-
-def partition_dir(root: Path | str, partition: Partition) -> Path:
-    return Path(root) / partition.relpath
 
 
 def json_bytes(obj: Any) -> bytes:

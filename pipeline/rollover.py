@@ -31,7 +31,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +40,8 @@ from typing import Any
 from config.feed import FeedProperties
 from pipeline.encode import EncodedFile, EncodeSpec, encode_batches, read_schema
 from pipeline.finishing import build_markers, encrypt_files
+from pipeline.layout import SUFFIX as SEGMENT_SUFFIX
+from pipeline.layout import iter_partitions
 from pipeline.ledger import (
     FAILED,
     OPEN,
@@ -61,7 +63,6 @@ from sinks.base import Sink, SinkError, TerminalError
 
 log = logging.getLogger(__name__)
 
-SEGMENT_SUFFIX = ".jnl"
 LEASE_NAME = "lease"
 # A holder refreshes its lease at least this often while it works; a lease older than LEASE_STALE_SECONDS belongs
 # to a holder that is gone (another host, a frozen process) and may be broken.
@@ -893,24 +894,6 @@ def oldest_staged_row_ms(pdir: Path) -> int | None:
             if first is not None and (oldest is None or first < oldest):
                 oldest = first
     return oldest
-
-
-def iter_partitions(root: Path | str) -> Iterator[Partition]:
-    feeds = Path(root) / "feeds"
-    for feed_dir in sorted(_subdirs(feeds)):
-        for segment_dir in sorted(_subdirs(feeds / feed_dir)):
-            for operation in sorted(_subdirs(feeds / feed_dir / segment_dir)):
-                try:
-                    yield Partition(feed_dir, segment_dir, operation)
-                except ValueError:
-                    continue  # not a partition folder (an operator's file, a stray name)
-
-
-def _subdirs(path: Path) -> list[str]:
-    try:
-        return [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
-    except FileNotFoundError:
-        return []
 
 
 def due_partitions(

@@ -229,7 +229,9 @@ def stage_rows(srv: FilefeedServer, identifiers: list[str], *, per_request: int 
 
 
 def wait_all_sealed(staging: Path, timeout: float = 30) -> None:
-    wait_for(lambda: not any(staging.glob("feeds/*/*/*/open/*.jnl")), timeout, what="every open segment to be sealed")
+    """Every writer journal sealed and split into its partitions' sealed/ (and no old-layout open segment)."""
+    wait_for(lambda: not any(staging.glob("journal/open/*.jnl")) and not any(staging.glob("feeds/*/*/*/open/*.jnl")),
+             timeout, what="every writer journal to be sealed and split")
 
 
 # ---- destination ---------------------------------------------------------------------------------------------------

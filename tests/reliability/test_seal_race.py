@@ -43,9 +43,11 @@ def test_a_moving_segment_is_never_unknown(tmp_path):
             roll = pdir / "rolling" / f"r{i}"
             (roll / "segments").mkdir(parents=True)
             os.rename(pdir / "sealed" / f"{name}.jnl", roll / "segments" / f"{name}.jnl")
-            (pdir / "published" / f"r{i}.json").write_text(json.dumps({
+            entry = pdir / "published" / f".r{i}.json.tmp"  # whole or absent, as the ledger writes it
+            entry.write_text(json.dumps({
                 "roll_id": f"r{i}", "partition": str(part), "planned_at": "", "published_at": "", "files": [],
                 "manifest": None, "rows": 1, "bytes": 1, "segments": [f"{name}.jnl"]}))
+            os.rename(entry, pdir / "published" / f"r{i}.json")
             os.remove(roll / "segments" / f"{name}.jnl")
             os.rmdir(roll / "segments")
             os.rmdir(roll)

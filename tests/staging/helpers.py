@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import threading
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
-from pipeline.journal import Row, encode_rows
+from pipeline.journal import JournalScan, Row, encode_rows, scan_journal
 from pipeline.model import Partition
-from pipeline.staging import iter_batches
+from pipeline.staging import iter_batches, iter_rows
 
 P = Partition("feed1", "seg1", "UPSERT")
 P2 = Partition("feed1", "seg1", "DELETE")
@@ -38,6 +42,15 @@ def read_all(paths: list[Path]) -> list[Row]:
     return out
 
 
+def journal_rows(path: Path, partition: Partition = P) -> list[Row]:
+    """Rows of `partition` in a writer journal."""
+    return list(iter_rows(path, partition))
+
+
+def journal_scan(path: Path) -> JournalScan:
+    return scan_journal(path.read_bytes())
+
+
 def table(paths: list[Path]) -> pa.Table:
     return pa.Table.from_batches(list(iter_batches(paths)))
 
@@ -53,3 +66,22 @@ def orphan(root: Path, partition: Partition, name: str, data: bytes, state: str 
     path = d / f"{name}.jnl"
     path.write_bytes(data)
     return path
+
+
+def hold_first_fsync(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], threading.Event, threading.Event]:
+    """Count fsyncs of regular files and hold the first one until `gate` is set, so every other request queues
+    behind it: returns (file fsyncs so far, entered, gate)."""
+    real_fsync = os.fsync
+    file_syncs: list[int] = []
+    entered, gate = threading.Event(), threading.Event()
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            file_syncs.append(fd)
+            if len(file_syncs) == 1:
+                entered.set()
+                assert gate.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return file_syncs, entered, gate

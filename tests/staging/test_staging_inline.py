@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from pipeline.staging import Staging, StagingClosed, StagingFull, verify_segment
+from pipeline.staging import Staging, StagingClosed, StagingFull
 from tests.conftest import wait_for
-from tests.staging.helpers import P2, P, read_all, row, rows
+from tests.staging.helpers import P2, P, journal_rows, journal_scan, read_all, row, rows
 
 
 def _is_file(fd: int) -> bool:
@@ -40,8 +40,8 @@ def test_one_loop_iteration_one_frame_one_fsync(inline: Staging, monkeypatch: py
     results = asyncio.run(main())
     assert len(file_syncs) == 1 and inline.syncs == 1
     path = inline.segment_path(P, results[0].segment, "open")
-    assert [f.rows for f in verify_segment(path).frames] == [600]
-    assert read_all([path]) == rows(0, 600)
+    assert [f.rows for f in journal_scan(path).frames[P]] == [600]
+    assert journal_rows(path) == rows(0, 600)
 
 
 def test_no_acknowledgement_before_the_fsync(inline: Staging, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +128,7 @@ def test_submit_refuses_before_queuing_and_its_future_is_the_commit(make_staging
         assert not fut.done()  # nothing is answered before its commit
         res = await fut
         assert (res.accepted, res.duplicates) == (2, 0)
-        assert read_all([st.segment_path(P, res.segment, "open")]) == rows(0, 2)
+        assert journal_rows(st.segment_path(P, res.segment, "open")) == rows(0, 2)
 
     asyncio.run(main())
 
@@ -138,7 +138,7 @@ def test_an_unexpected_error_in_a_commit_is_every_callers_error(make_staging, mo
                                                                  inline_commit: bool) -> None:
     """Not only OSError: whatever stops a commit after the dedup step, no caller of it gets an acknowledgement."""
     st = make_staging(inline_commit=inline_commit)
-    import pipeline.staging as staging_mod
+    import pipeline.staging.commit as staging_mod
 
     real_write_all = staging_mod.write_all
 

@@ -1,0 +1,104 @@
+"""Backpressure: refuse appends (StagingFull -> `retry`) before the staging volume or its limits run out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from pipeline.layout import OPEN, SEALED, SUFFIX, iter_partition_dirs, journal_dir
+from pipeline.staging.results import DISK_FULL_RETRY_MS, STAGED_FULL_RETRY_MS
+
+log = logging.getLogger("filefeed.staging")
+
+DISK_CHECK_SECONDS = 1.0
+STAGED_SCAN_SECONDS = 2.0
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.endswith(SUFFIX) and not e.name.startswith("."):
+                    try:
+                        total += e.stat().st_size
+                    except FileNotFoundError:
+                        pass
+    except FileNotFoundError:
+        pass
+    return total
+
+
+class Backpressure:
+    """Free space from statvfs (cached a second), staged bytes from a periodic scan plus this writer's appends."""
+
+    def __init__(self, root: Path, min_free_bytes: int, max_staged_bytes: int | None):
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self.max_staged_bytes = max_staged_bytes
+        self._disk_free = 0
+        self._disk_checked = -1e9
+        self._staged_scanned = 0
+        # Two counters, each written by one thread only (committer / housekeeping): no lock, no lost update.
+        self.appended_total = 0
+        self._appended_at_scan = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if max_staged_bytes is not None:
+            self.scan()
+            self._thread = threading.Thread(target=self._run, name="staging-housekeeping", daemon=True)
+            self._thread.start()
+
+    def check(self) -> tuple[str, int] | None:
+        """(why, retry ms) when appends must be refused now, else None. Cheap: no directory scan."""
+        now = time.monotonic()
+        if now - self._disk_checked >= DISK_CHECK_SECONDS:
+            self._disk_checked = now
+            try:
+                st = os.statvfs(self.root)
+                self._disk_free = st.f_bavail * st.f_frsize
+            except OSError:
+                self._disk_free = 0
+        if self._disk_free < self.min_free_bytes:
+            return (
+                f"free disk space {self._disk_free} bytes is under the {self.min_free_bytes} bytes minimum",
+                DISK_FULL_RETRY_MS,
+            )
+        if self.max_staged_bytes is not None:
+            staged = self.staged_bytes()
+            if staged > self.max_staged_bytes:
+                return f"{staged} bytes staged, over the {self.max_staged_bytes} bytes limit", STAGED_FULL_RETRY_MS
+        return None
+
+    def recheck_disk(self) -> None:
+        """Re-read free space on the next request instead of trusting the cache (after ENOSPC)."""
+        self._disk_checked = -1e9
+
+    def staged_bytes(self) -> int:
+        """Journal + sealed bytes of every writer: last scan plus what this writer appended since."""
+        return self._staged_scanned + self.appended_total - self._appended_at_scan
+
+    def scan(self) -> None:
+        appended_before = self.appended_total
+        total = _folder_bytes(journal_dir(self.root))
+        for _, pdir in iter_partition_dirs(self.root):
+            total += _folder_bytes(pdir / OPEN) + _folder_bytes(pdir / SEALED)
+        # Appends made during the scan (or a journal being split) may be counted twice: erring high only refuses a
+        # little early.
+        self._staged_scanned = total
+        self._appended_at_scan = appended_before
+
+    def _run(self) -> None:
+        while not self._stop.wait(STAGED_SCAN_SECONDS):
+            try:
+                self.scan()
+            except Exception:  # a scan racing with renames must never stop the refresh
+                log.exception("staged bytes scan failed")
+
+    def stop(self, join: bool) -> None:
+        self._stop.set()
+        if self._thread is not None and join:
+            self._thread.join()

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field
 
 from config.feed import IdentifierSelector
-from pipeline.transforms import EmailTransform
 from pipeline.layout import Row
+from pipeline.transforms import EmailTransform
 
 _HEX_HASH = re.compile(r"(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64}|[0-9a-fA-F]{128})")
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")

@@ -177,7 +177,7 @@ def _merge_and_install(sdir: Path, rdir: Path, roll_id: str, inputs: list[Path])
 
 
 def roll_segment(root: Path | str, partition: Partition, props: Any, sink: Any, *, wait_seconds: float = 0.0,
-                 slot: datetime | None = None, resume_only: bool = False) -> Any:
+                 slot: datetime | None = None, resume_only: bool = False, now: datetime | None = None) -> Any:
     """Apply both partitions' staged rows to the segment's state, then deliver a snapshot of its members.
 
     Scheduled feeds apply on every call (their batch counts come from the apply rolls' ledger) but snapshot only at
@@ -190,12 +190,13 @@ def roll_segment(root: Path | str, partition: Partition, props: Any, sink: Any, 
         part = Partition(partition.feed_id, partition.segment_id, operation)
         if not partition_dir(root, part).is_dir():
             continue
-        applied = roll_partition(root, part, props, sink, wait_seconds=wait_seconds, kind=RollMode(mode="apply"))
+        applied = roll_partition(root, part, props, sink, wait_seconds=wait_seconds, now=now,
+                                 kind=RollMode(mode="apply"))
         if applied.status not in ("published", "nothing"):
             return applied
     sdir = snapshot_dir(root, partition.feed_id, partition.segment_id)
     if not sdir.is_dir() and slot is None:
         return RollOutcome(status="nothing")
     kind = RollMode(mode="snapshot", suffix=RUN_SUFFIX, slot=slot, resume_only=resume_only)
-    return roll_partition(root, snapshot_partition(partition), props, sink, wait_seconds=wait_seconds, kind=kind,
-                          pdir=sdir)
+    return roll_partition(root, snapshot_partition(partition), props, sink, wait_seconds=wait_seconds, now=now,
+                          kind=kind, pdir=sdir)

@@ -126,6 +126,7 @@ def member_batches(rdir: Path, roll_id: str, runs: list[Path]) -> tuple[Iterator
     state = sdir / STATE
     state.mkdir(exist_ok=True)
     current = read_current(sdir)
+    _remove_stale_bases(state, current)
     if current is not None and current.get("base") == roll_id:
         tables: Iterator[pa.Table] = (membership.members(t) for t in membership.read_run(state / _base_name(roll_id)))
     else:
@@ -167,10 +168,16 @@ def _merge_and_install(sdir: Path, rdir: Path, roll_id: str, inputs: list[Path])
     crash_point("snapshot_base")
     atomic_write_json(state / CURRENT, {"base": roll_id, "rows": rows, "members": members})
     crash_point("snapshot_state")
-    for name in _listdir(state):
-        if name.startswith("base-") and name != _base_name(roll_id):
-            (state / name).unlink(missing_ok=True)
+    _remove_stale_bases(state, {"base": roll_id})
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_stale_bases(state: Path, current: dict[str, Any] | None) -> None:
+    """Bases other than CURRENT's: the one it replaced, or a merge's output that a crash left uninstalled."""
+    keep = _base_name(str(current["base"])) if current else None
+    for name in os.listdir(state):
+        if (name.startswith("base-") or name.startswith(".base-")) and name != keep:
+            (state / name).unlink(missing_ok=True)
 
 
 # -- one entry point per delivery --------------------------------------------------------------------------------

@@ -840,13 +840,14 @@ def retry_failed(
     *,
     roll_ids: Iterable[str] | None = None,
     wait_seconds: float = 0.0,
+    pdir: Path | None = None,
 ) -> RollOutcome:
     """Move failed rolls (all, or `roll_ids`) back to rolling/ and resume them with their own plans.
 
     The old reason.json is kept as `last_failure.json` in the roll folder for the operator; the attempt count
     starts again so unknown errors get their retries back.
     """
-    pdir = partition_dir(root, partition)
+    pdir = pdir or partition_dir(root, partition)  # a segment's SNAPSHOT folder (pipeline/snapshot.py)
     lease = Lease.acquire(pdir, wait_seconds=wait_seconds)
     if lease is None:
         return RollOutcome(status="busy")

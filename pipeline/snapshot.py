@@ -31,13 +31,18 @@ import shutil
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from pipeline import membership
 from pipeline.ledger import FAILED, ROLLING, SEALED, Ledger, atomic_write_json, fsync_dir, partition_dir, read_json
 from pipeline.model import OPERATIONS, STAGED_SCHEMA, Partition
+
+if TYPE_CHECKING:
+    from config.feed import FeedProperties
+    from pipeline.rollover import RollOutcome
+    from sinks.base import Sink
 
 SNAPSHOT_FOLDER = "SNAPSHOT"
 RUN_SUFFIX = ".run"
@@ -52,6 +57,16 @@ def snapshot_dir(root: Path | str, feed_id: str, segment_id: str) -> Path:
 def snapshot_partition(partition: Partition) -> Partition:
     """The partition a segment's snapshot rolls are named after: members are what UPSERT left in."""
     return Partition(partition.feed_id, partition.segment_id, "UPSERT")
+
+
+def failed_snapshots(root: Path | str, partitions: list[Partition]) -> dict[Partition, Path]:
+    """Segments of `partitions` with failed snapshot rolls: their snapshot partition -> SNAPSHOT folder."""
+    out: dict[Partition, Path] = {}
+    for partition in partitions:
+        sdir = snapshot_dir(root, partition.feed_id, partition.segment_id)
+        if _listdir(sdir / FAILED):
+            out[snapshot_partition(partition)] = sdir
+    return out
 
 
 def _base_name(roll_id: str) -> str:
@@ -183,8 +198,9 @@ def _remove_stale_bases(state: Path, current: dict[str, Any] | None) -> None:
 # -- one entry point per delivery --------------------------------------------------------------------------------
 
 
-def roll_segment(root: Path | str, partition: Partition, props: Any, sink: Any, *, wait_seconds: float = 0.0,
-                 slot: datetime | None = None, resume_only: bool = False, now: datetime | None = None) -> Any:
+def roll_segment(root: Path | str, partition: Partition, props: FeedProperties, sink: Sink, *,
+                 wait_seconds: float = 0.0, slot: datetime | None = None, resume_only: bool = False,
+                 now: datetime | None = None) -> RollOutcome:
     """Apply both partitions' staged rows to the segment's state, then deliver a snapshot of its members.
 
     Scheduled feeds apply on every call (their batch counts come from the apply rolls' ledger) but snapshot only at

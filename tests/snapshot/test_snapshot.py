@@ -14,7 +14,7 @@ import pytest
 from config.feed import FeedConfigError, parse_feed_properties
 from pipeline import delivery, membership, snapshot
 from pipeline.ledger import consumed_segments
-from pipeline.rollover import RollMode, roll_partition
+from pipeline.rollover import RollMode, retry_failed, roll_partition, slot_roll_id
 from sinks import open_sink
 from tests.rollover.helpers import decode_file, destination_files
 from tests.servers import sink_props
@@ -166,3 +166,21 @@ def test_snapshot_through_s3(tmp_path: Path, servers: dict[str, str], unique_pre
              for o in listed}
     assert members_of(files, SLOT + timedelta(days=1)) == expected_members(FIRST + SECOND)
     assert all(n.startswith("seg-1/full_") for n in files if not n.endswith(".manifest.json"))
+
+
+def test_failed_snapshot_keeps_its_changes_and_retries(tmp_path: Path) -> None:
+    root, dest = tmp_path / "var", tmp_path / "dest"
+    props = snapshot_props(dest, file_name_template="{mode}/{batch_id}_part{part}.{ext}")
+    taken = dest / "full" / f"{slot_roll_id(UPSERT, 'snapshot', SLOT)}_part00001.csv.gz"
+    taken.parent.mkdir(parents=True)
+    taken.write_bytes(b"someone else's file")  # the name is taken by other bytes: a terminal conflict
+    stage_changes(root, "a", FIRST[:10])
+    assert deliver(root, props, SLOT).status == "terminal"
+    sdir = snapshot.snapshot_dir(root, UPSERT.feed_id, UPSERT.segment_id)
+    assert snapshot.failed_snapshots(root, [UPSERT, DELETE]) == {UPSERT: sdir}
+    assert snapshot.read_current(sdir)["members"] == 10  # the state change was committed before the publish
+    taken.unlink()
+    with open_sink(props) as sink:
+        outcome = retry_failed(root, UPSERT, sink, pdir=sdir)  # what `filefeed retry` does for a SNAPSHOT folder
+    assert outcome.status == "published" and outcome.rows == 10
+    assert snapshot.failed_snapshots(root, [UPSERT]) == {}

@@ -32,19 +32,13 @@ REPO = Path(__file__).resolve().parent.parent
 # run as a script, the bench folder comes first on the path, and bench/sinks.py would shadow the sinks package
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
+from bench.rollover import peak_rss_mb  # noqa: E402 - after the path fix above
+
 FEED, SEGMENT = "bench-feed", "seg-1"
 TARGET_RSS_MB = 500
 SLOT = datetime(2026, 12, 2, 2, 0, tzinfo=UTC)
 SEGMENT_ROWS = 200_000
 BASE_MS = 1_700_000_000_000
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _identifiers(numbers) -> list[str]:

@@ -25,24 +25,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.durable import fsync_dir
-from pipeline.model import STAGED_FIELDS
+from pipeline.model import STAGED_FIELDS, STAGED_SCHEMA
 
 UPSERT_RANK, DELETE_RANK = 0, 1
 OPERATION_RANKS = {"UPSERT": UPSERT_RANK, "DELETE": DELETE_RANK}
 KEY = ("identifier_type", "identifier")
 # Sort order inside a key: the winner sorts last.
 ORDER = (*KEY, "ts", "op", "session_id", "datamart_id", "user_point_id")
-SCHEMA = pa.schema(
-    [
-        ("identifier_type", pa.string()),
-        ("identifier", pa.string()),
-        ("ts", pa.int64()),
-        ("op", pa.int8()),
-        ("session_id", pa.string()),
-        ("datamart_id", pa.string()),
-        ("user_point_id", pa.string()),
-    ]
-)
+# The staged row with its operation's rank after ts (identifier_type, identifier, ts, op, session_id, ...).
+_TS_AT = STAGED_SCHEMA.get_field_index("ts") + 1
+SCHEMA = pa.schema([*STAGED_SCHEMA][:_TS_AT] + [pa.field("op", pa.int8())] + [*STAGED_SCHEMA][_TS_AT:])
 # Rows per batch read from a run, and per sorted run an apply writes: 64 Ki rows of hex identifiers are ~10 MB.
 BATCH_ROWS = 65_536
 RUN_ROWS = 1_048_576

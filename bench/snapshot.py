@@ -125,7 +125,7 @@ def child_baseline(root: Path, dest: Path) -> dict:
     table = pa.concat_tables(tables)
     del tables
     table = table.sort_by([(name, "ascending") for name in membership.ORDER])
-    ids = table.column("identifier")
+    ids = table.column("identifier")  # one identifier type here: the identifier is the key
     last = pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1))
     keep = pa.chunked_array([*last.chunks, pa.array([True])])
     table = table.filter(keep)

@@ -82,8 +82,6 @@ CRASH_POINTS = (
     "move:N",
     "moves",
     "encode_file:N",
-    "snapshot_base",  # pipeline/snapshot.py: the merged base written, CURRENT not yet switched
-    "snapshot_state",  # CURRENT switched to the new base
     "encode",
     "publish:N",
     "manifest",

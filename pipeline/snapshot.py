@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from sinks.base import Sink
 
 SNAPSHOT_FOLDER = "SNAPSHOT"
+# FILEFEED_CRASH_AT points of the snapshot roll's own, besides rollover.CRASH_POINTS: the merged base written but
+# CURRENT not switched yet; CURRENT switched (the state change committed), the old base not removed yet.
+CRASH_POINTS = ("snapshot_base", "snapshot_state")
 RUN_SUFFIX = ".run"
 STATE = "state"
 CURRENT = "CURRENT"

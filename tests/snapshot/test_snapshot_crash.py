@@ -79,3 +79,11 @@ def test_crash_in_snapshot_then_resume(tmp_path: Path, control: dict[str, bytes]
     crashed = run_child(CHILD, [str(root), str(dest), "snapshot", iso(SLOT2)], crash_at=point)
     assert crashed.returncode == 137, crashed.stderr
     check_resumed(root, dest, control)
+
+
+def test_every_snapshot_crash_point_is_exercised() -> None:
+    from pipeline.rollover import CRASH_POINTS
+
+    covered = {p.split(":")[0] + (":N" if ":" in p else "") for p in SNAPSHOT_POINTS}
+    assert set(snapshot.CRASH_POINTS) <= covered
+    assert covered <= set(CRASH_POINTS) | set(snapshot.CRASH_POINTS)

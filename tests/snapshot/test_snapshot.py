@@ -16,7 +16,7 @@ from pipeline import delivery, membership, snapshot
 from pipeline.ledger import consumed_segments
 from pipeline.rollover import RollMode, retry_failed, roll_partition, slot_roll_id
 from sinks import open_sink
-from tests.rollover.helpers import decode_file, destination_files
+from tests.rollover.helpers import decode_file, destination_files, stage_segment
 from tests.servers import sink_props
 from tests.snapshot.helpers import DELETE, UPSERT, expected_members, snapshot_props, stage_changes
 
@@ -184,3 +184,16 @@ def test_failed_snapshot_keeps_its_changes_and_retries(tmp_path: Path) -> None:
         outcome = retry_failed(root, UPSERT, sink, pdir=sdir)  # what `filefeed retry` does for a SNAPSHOT folder
     assert outcome.status == "published" and outcome.rows == 10
     assert snapshot.failed_snapshots(root, [UPSERT]) == {}
+
+
+def test_members_are_identifier_type_and_identifier(tmp_path: Path) -> None:
+    root, dest = tmp_path / "var", tmp_path / "dest"
+    props = snapshot_props(dest, columns="identifier_type,identifier,ts")
+    same = "abc"
+    stage_segment(root, UPSERT, "a.jnl", [("USER_EMAIL", same, 10, "s", "1", "u"), ("USER_POINT", same, 10, "s", "1", "u"),
+                                          ("USER_ACCOUNT", "zz", 10, "s", "1", "u")])
+    stage_segment(root, DELETE, "b.jnl", [("USER_POINT", same, 20, "s", "1", "u")])
+    assert deliver(root, props, SLOT).status == "published"
+    rows = [r for n, b in destination_files(dest).items() if not n.endswith(".json") for r in decode_file(n, b)]
+    # one type's removal leaves the other's member; rows sorted by identifier, then type
+    assert [(r["identifier_type"], r["identifier"]) for r in rows] == [("USER_EMAIL", same), ("USER_ACCOUNT", "zz")]

@@ -125,6 +125,7 @@ MACRO_PATTERNS = {
     "part": r"\d{5,}",
     "ext": r"[A-Za-z0-9.]+",
     "format": "(?:csv|parquet)",
+    "mode": "(?:delta|full)",
 }
 
 

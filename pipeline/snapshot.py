@@ -62,6 +62,16 @@ def snapshot_partition(partition: Partition) -> Partition:
     return Partition(partition.feed_id, partition.segment_id, "UPSERT")
 
 
+def delivery_dirs(root: Path | str, partition: Partition) -> list[Path]:
+    """Folders whose ledgers list what was published for `partition`: its own, and for UPSERT the segment's
+    SNAPSHOT folder when it has one (status, verify)."""
+    out = [partition_dir(root, partition)]
+    sdir = snapshot_dir(root, partition.feed_id, partition.segment_id)
+    if partition.operation == "UPSERT" and sdir.is_dir():
+        out.append(sdir)
+    return out
+
+
 def failed_snapshots(root: Path | str, partitions: list[Partition]) -> dict[Partition, Path]:
     """Segments of `partitions` with failed snapshot rolls: their snapshot partition -> SNAPSHOT folder."""
     out: dict[Partition, Path] = {}

@@ -32,3 +32,6 @@ def test_snapshot_feed_through_the_service(tmp_path, filefeed_factory) -> None:
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["checked"] >= 4  # both snapshots and their manifests
     assert cli(srv.env, "retry").returncode == 0
+    status = json.loads(cli(srv.env, "status", "--json").stdout)
+    upsert = next(p for p in status["partitions"] if p["operation"] == "UPSERT")
+    assert upsert["last_delivery"]["files"] == [data[1]]  # the latest snapshot, not an apply roll

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from config.problems import did_you_mean
@@ -36,7 +38,7 @@ COLUMN_SOURCES = (
 DEFAULT_COLUMNS = "segment_id,operation,identifier_type,identifier,ts"
 
 TEMPLATE_MACROS = frozenset(
-    {"feed_id", "segment_id", "datamart_id", "operation", "date", "time", "batch_id", "part", "ext", "format"}
+    {"feed_id", "segment_id", "datamart_id", "operation", "date", "time", "batch_id", "part", "ext", "format", "mode"}
 )
 # Sorts by time inside a segment's folder; every macro that makes a roll unique is present.
 DEFAULT_FILE_NAME_TEMPLATE = "{segment_id}/{date}T{time}Z_{operation}_{batch_id}_part{part}.{ext}"
@@ -184,6 +186,18 @@ def check_template(template: str) -> str:
     return template
 
 
+def check_cron(expression: str) -> str:
+    """A five-field cron expression (minute hour day month weekday), read in UTC; cronsim says what is wrong."""
+    expression = " ".join(expression.split())
+    if len(expression.split(" ")) != 5:
+        raise ValueError("must be a cron expression of 5 fields in UTC, e.g. '0 2 * * *' (every day at 02:00 UTC)")
+    try:
+        CronSim(expression, datetime(2000, 1, 1, tzinfo=UTC))
+    except CronSimError as e:
+        raise ValueError(f"is not a valid cron expression ({e}); e.g. '0 2 * * *' (every day at 02:00 UTC)") from None
+    return expression
+
+
 class FeedProperties(BaseModel):
     """Every feed property, by the platform's technical name."""
 
@@ -198,6 +212,9 @@ class FeedProperties(BaseModel):
     max_buffer_age_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     write_manifest: bool = True
     identifier_types: str | None = None
+    # pipeline/snapshot.py and pipeline/schedule.py: what each delivery holds, and when deliveries happen
+    delivery_mode: Literal["delta", "snapshot"] = "delta"
+    delivery_schedule: str | None = None
 
     # file shape (README "Feed properties"): presets, identifier transforms, encryption, markers, caps, CSV dialect
     partner_profile: Literal["liveramp", "google_customer_match", "meta", "ttd_uid2"] | None = None
@@ -269,7 +286,14 @@ class FeedProperties(BaseModel):
             raise ValueError("must be a relative folder without '..', empty or dot-prefixed segments")
         return v
 
-    @field_validator("file_format", "compression", "s3_sse", mode="before")
+    @field_validator("delivery_schedule")
+    @classmethod
+    def _schedule(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        return check_cron(v)
+
+    @field_validator("file_format", "compression", "s3_sse", "delivery_mode", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         if isinstance(v, str):

@@ -451,12 +451,15 @@ def retry(feed: str | None = typer.Option(None, help="only this feed"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Move failed rolls back to pending and publish them. Exit 1 if one fails again (it goes back to failed/)."""
     from filefeed import metrics
+    from pipeline import snapshot
     from pipeline.delivery import POOL, clear_error
     from pipeline.rollover import RollOutcome, failed_rolls, retry_failed
     from sinks import SinkError
 
     settings = checked_settings(write=True)
     parts = [p for p in _all_partitions(settings, feed) if failed_rolls(settings.staging_dir, p)]
+    snapshots = snapshot.failed_snapshots(settings.staging_dir, _all_partitions(settings, feed))
+    parts += list(snapshots)
     metrics.join_multiprocess_dir(settings.staging_dir)
     props, problems = _props_by_feed(settings, {p.feed_id for p in parts})
     results: dict[str, Any] = {}
@@ -467,7 +470,8 @@ def retry(feed: str | None = typer.Option(None, help="only this feed"),
         started = time.perf_counter()
         try:
             with POOL.sink(props[p.feed_id]) as sink:
-                o = retry_failed(settings.staging_dir, p, sink, wait_seconds=30, props=props[p.feed_id])
+                o = retry_failed(settings.staging_dir, p, sink, wait_seconds=30, props=props[p.feed_id],
+                                 pdir=snapshots.get(p))
         except SinkError as e:
             o = RollOutcome(status="transient" if e.transient else "terminal", error=str(e), error_kind=e.kind)
         metrics.observe_roll(props[p.feed_id].destination.scheme, o, time.perf_counter() - started, 0)

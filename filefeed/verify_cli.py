@@ -55,12 +55,12 @@ def problem_line(pr: dict[str, Any]) -> str:
 def _known_names(root: Path, partitions: list[Partition]) -> tuple[set[str], set[str]]:
     """(names the ledgers list, names of rolls in flight: rolling/ or failed/). In-flight first: a roll moves from
     rolling/ to the ledger, never back, so reading in this order never misses one that moves meanwhile."""
-    from pipeline.ledger import FAILED, ROLLING, Ledger, partition_dir, read_json
+    from pipeline.ledger import FAILED, ROLLING, Ledger, read_json
+    from pipeline.snapshot import delivery_dirs
 
     in_flight: set[str] = set()
     listed: set[str] = set()
-    for p in partitions:
-        pdir = partition_dir(root, p)
+    for pdir in (d for p in partitions for d in delivery_dirs(root, p)):
         for state in (ROLLING, FAILED):
             try:
                 rolls = os.listdir(pdir / state)
@@ -74,8 +74,8 @@ def _known_names(root: Path, partitions: list[Partition]) -> tuple[set[str], set
                 in_flight.update(f["name"] for f in enc.get("files", []))
                 if enc.get("manifest"):
                     in_flight.add(enc["manifest"]["name"])
-    for p in partitions:
-        for e in Ledger(partition_dir(root, p)).entries():
+    for pdir in (d for p in partitions for d in delivery_dirs(root, p)):
+        for e in Ledger(pdir).entries():
             listed.update(f["name"] for f in e.files)
             if e.manifest:
                 listed.add(e.manifest["name"])
@@ -96,8 +96,9 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
     """
     from filefeed.remote import sha256_of
     from pipeline.delivery import POOL
-    from pipeline.ledger import Ledger, partition_dir
+    from pipeline.ledger import Ledger
     from pipeline.naming import name_pattern
+    from pipeline.snapshot import delivery_dirs
     from sinks import SinkError
 
     settings = checked_settings()
@@ -118,8 +119,8 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
         fprops = props[feed_id]
         try:
             with POOL.sink(fprops) as sink:
-                for p in fparts:
-                    for e in Ledger(partition_dir(root, p)).entries():
+                for p, pdir in ((part, d) for part in fparts for d in delivery_dirs(root, part)):
+                    for e in Ledger(pdir).entries():
                         files = list(e.files) + ([e.manifest] if e.manifest else [])
                         for f in files:
                             checked += 1

@@ -27,7 +27,7 @@ from pipeline import delivery
 from pipeline.identifiers import MAX_VALUE_LENGTH
 from pipeline.journal import encode_frame, encode_lines
 from pipeline.layout import FORBIDDEN_RE as _FORBIDDEN
-from pipeline.layout import SEALED, SUFFIX
+from pipeline.layout import FAILED, SEALED, SUFFIX
 from pipeline.layout import SEGMENT_NAME_RE as _REF
 from pipeline.layout import roll_folder_holding as _roll_folder_holding
 from pipeline.ledger import atomic_write_bytes, consumed_segments, partition_dir
@@ -217,7 +217,11 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
         elif outcome.status == "terminal":
             terminal.append(f"{partition}: {outcome.error}")
         consumed = consumed_segments(staging.root, partition)
-        sent += sum(c for n, c in counted.items() if n + SUFFIX in consumed)
+        if ctx.props.delivery_schedule is not None and ctx.props.delivery_mode == "delta":
+            # scheduled: durably staged is accepted for the next slot (pipeline/schedule.py), not yet published
+            sent += sum(c for n, c in counted.items() if _roll_folder_holding(pdir, n + SUFFIX) != FAILED)
+        else:
+            sent += sum(c for n, c in counted.items() if n + SUFFIX in consumed)
         if outcome.status in ("published", "nothing") and any(
                 n + SUFFIX not in consumed and _roll_folder_holding(pdir, n + SUFFIX) is not None for n in counted):
             terminal.append(f"{partition}: some rows are in failed rolls (see `filefeed status`, `filefeed retry`)")

@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from config.feed import FeedProperties
+from pipeline import snapshot
 from pipeline.ledger import Ledger, atomic_write_json, partition_dir
 from pipeline.model import Partition
-from pipeline.rollover import RollOutcome, roll_partition
+from pipeline.rollover import RollMode, RollOutcome, roll_partition
 from sinks import Sink, SinkError, open_sink
 
 log = logging.getLogger("filefeed.delivery")
@@ -83,22 +84,38 @@ def clear_error(root: Path, partition: Partition) -> None:
         log.warning("could not clear the last error of %s: %s", partition, e.strerror or e)
 
 
+def _roll_with(root: Path, partition: Partition, props: FeedProperties, sink: Sink, wait_seconds: float,
+               slot: datetime | None) -> RollOutcome:
+    # A scheduled feed delivers only at its slots (pipeline/schedule.py); any other call only resumes.
+    resume_only = props.delivery_schedule is not None and slot is None
+    if props.delivery_mode == "snapshot":
+        return snapshot.roll_segment(root, partition, props, sink, wait_seconds=wait_seconds, slot=slot,
+                                     resume_only=resume_only)
+    return roll_partition(root, partition, props, sink, wait_seconds=wait_seconds,
+                          kind=RollMode(slot=slot, resume_only=resume_only))
+
+
 def roll(root: Path, partition: Partition, props: FeedProperties, *, wait_seconds: float = 0.0,
-         pool: SinkPool = POOL) -> RollOutcome:
-    """Resume unfinished rolls of the partition, then roll and publish everything sealed; metrics and a log line."""
+         pool: SinkPool = POOL, slot: datetime | None = None) -> RollOutcome:
+    """Resume unfinished rolls of the partition, then roll and publish everything sealed; metrics and a log line.
+
+    `slot`: the delivery_schedule slot being delivered (scheduled feeds are only delivered at their slots). In
+    snapshot mode the partition stands for its segment (pipeline/snapshot.py).
+    """
     from filefeed import metrics  # the service's metrics; a no-op registry in CLI processes
 
     started = time.perf_counter()
     try:
         with pool.sink(props) as sink:
-            outcome = roll_partition(root, partition, props, sink, wait_seconds=wait_seconds)
+            outcome = _roll_with(root, partition, props, sink, wait_seconds, slot)
     except SinkError as e:  # opening the sink failed (missing dependency, unusable configuration)
         outcome = RollOutcome(status="transient" if e.transient else "terminal", error=str(e), error_kind=e.kind)
     seconds = time.perf_counter() - started
     scheme = props.destination.scheme
     nbytes = 0
     if outcome.roll_ids and outcome.status == "published":
-        ledger = Ledger(partition_dir(root, partition))
+        ledger = Ledger(partition_dir(root, partition) if props.delivery_mode == "delta"
+                        else snapshot.snapshot_dir(root, partition.feed_id, partition.segment_id))
         nbytes = sum(e.bytes for rid in outcome.roll_ids if (e := ledger.get(rid)) is not None)
     metrics.observe_roll(scheme, outcome, seconds, nbytes)
     if outcome.status in ("transient", "terminal"):

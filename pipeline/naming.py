@@ -34,6 +34,7 @@ class NameContext:
     extension: str
     file_format: str
     datamart_id: str = ""
+    mode: str = "delta"  # {mode}: "delta" (add/remove files) or "full" (a snapshot of every member)
 
     def values(self, part: int | str) -> dict[str, str]:
         planned = self.planned_at.astimezone(UTC)
@@ -48,6 +49,7 @@ class NameContext:
             "part": f"{part:05d}" if isinstance(part, int) else part,
             "ext": self.extension,
             "format": self.file_format,
+            "mode": self.mode,
         }
 
 
@@ -129,6 +131,7 @@ MACRO_PATTERNS = {
     "part": r"\d{5,}",
     "ext": r"[A-Za-z0-9.]+",
     "format": "(?:csv|parquet)",
+    "mode": "(?:delta|full)",
 }
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from config.feed import FeedProperties
+from pipeline import schedule
 from pipeline.encode import EncodedFile, EncodeSpec, encode_batches, read_schema
 from pipeline.finishing import build_markers, encrypt_files
 from pipeline.layout import SUFFIX as SEGMENT_SUFFIX
@@ -283,12 +284,12 @@ def make_roll_id(partition: Partition, segments: list[str], planned_at: datetime
     return f"{planned_at.astimezone(UTC):%Y%m%dT%H%M%S}-{digest}"
 
 
-def sealed_segments(pdir: Path) -> list[str]:
+def sealed_segments(pdir: Path, suffix: str = SEGMENT_SUFFIX) -> list[str]:
     try:
         names = os.listdir(pdir / SEALED)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if n.endswith(SEGMENT_SUFFIX) and not n.startswith("."))
+    return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
 
 
 def pending_rolls(root: Path | str, partition: Partition) -> list[str]:
@@ -320,10 +321,13 @@ class _Plan:
     done_marker: str = "manifest"
     manifest_prefix: str | None = None
     pgp_public_key: str | None = None
+    # "delta": files of the staged rows; "apply" / "snapshot": pipeline/snapshot.py (membership state, full files)
+    mode: str = "delta"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": PLAN_VERSION,
+            "mode": self.mode,
             "roll_id": self.roll_id,
             "partition": str(self.partition),
             "planned_at": self.planned_at.isoformat(),
@@ -352,17 +356,52 @@ class _Plan:
             done_marker=str(data.get("done_marker") or ("manifest" if data["write_manifest"] else "none")),
             manifest_prefix=data.get("manifest_prefix"),
             pgp_public_key=data.get("pgp_public_key"),
+            mode=str(data.get("mode", "delta")),
         )
 
 
+@dataclass(frozen=True)
+class RollMode:
+    """What a roll makes of its inputs (pipeline/snapshot.py adds the two membership modes).
+
+    mode: "delta" (files of the staged rows), "apply" (staged rows -> runs of the segment's membership state, no
+    file) or "snapshot" (the runs merged into the state -> files of every member). suffix: the input files it takes
+    from sealed/. slot: a delivery_schedule slot: the roll's time and id come from it, so a slot retried after a
+    crash renders the same names, and a slot already handled is not planned again.
+    """
+
+    mode: str = "delta"
+    suffix: str = SEGMENT_SUFFIX
+    slot: datetime | None = None
+    resume_only: bool = False
+
+
+DELTA = RollMode()
+
+
+def slot_roll_id(partition: Partition, mode: str, slot: datetime) -> str:
+    """The roll id of a schedule slot: the slot's time and a hash of the partition, never of what it holds."""
+    digest = hashlib.sha256(f"{partition.relpath}\n{mode}\nslot".encode()).hexdigest()[:10]
+    return f"{slot.astimezone(UTC):%Y%m%dT%H%M%S}-{digest}"
+
+
 def _plan_roll(
-    pdir: Path, partition: Partition, props: FeedProperties, now: datetime, datamart_id: str | None
+    pdir: Path,
+    partition: Partition,
+    props: FeedProperties,
+    now: datetime,
+    datamart_id: str | None,
+    kind: RollMode = DELTA,
 ) -> _Plan | None:
-    segments = sealed_segments(pdir)
-    if not segments:
+    segments = sealed_segments(pdir, kind.suffix)
+    # a scheduled snapshot is delivered at every slot, changed or not: the partner wants a full file each time
+    if not segments and not (kind.slot is not None and kind.mode == "snapshot"):
         return None
-    planned_at = now.astimezone(UTC).replace(microsecond=0)
-    roll_id = make_roll_id(partition, segments, planned_at)
+    planned_at = (kind.slot or now).astimezone(UTC).replace(microsecond=0)
+    if kind.slot is not None:
+        roll_id = slot_roll_id(partition, kind.mode, planned_at)
+    else:
+        roll_id = make_roll_id(partition, segments, planned_at)
     rolling = pdir / ROLLING
     if (rolling / roll_id).exists() or (pdir / FAILED / roll_id).exists() or Ledger(pdir).has(roll_id):
         raise RollError(
@@ -383,6 +422,7 @@ def _plan_roll(
         done_marker=props.done_marker or "manifest",
         manifest_prefix=props.manifest_prefix,
         pgp_public_key=props.pgp_public_key.strip() if props.encryption == "pgp" and props.pgp_public_key else None,
+        mode=kind.mode,
     )
     # The roll folder is built under a hidden name and renamed into place, so rolling/<roll_id>/ never exists
     # without its plan; a hidden leftover of a crash holds no segment and is simply removed.
@@ -435,18 +475,27 @@ class _RollDone:
 
 
 def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
-    from pipeline import staging  # imported late: staging is optional for encoding-only users and tests
+    from pipeline import snapshot, staging  # imported late: staging is optional for encoding-only users and tests
 
+    if plan.mode == "apply":
+        encoded = snapshot.apply_roll(rdir, plan.partition, plan.roll_id, plan.segments)
+        atomic_write_json(rdir / "encoded.json", encoded)
+        crash_point("encode")
+        return encoded
     out = rdir / "out"
     shutil.rmtree(out, ignore_errors=True)  # a half-encoded output from a crash: encoding again gives the same files
     out.mkdir()
     paths = [rdir / "segments" / name for name in plan.segments]
-    # Only the columns the files show are parsed; the {datamart_id} macro and the manifest take the first row's.
-    batches = staging.iter_batches(paths, chunk_bytes=READ_CHUNK_BYTES, schema=read_schema(plan.spec))
     datamart_id = plan.datamart_id
-    if datamart_id is None:
-        first = staging.first_row(paths)
-        datamart_id = first[STAGED_FIELDS.index("datamart_id")] if first else ""
+    if plan.mode == "snapshot":
+        batches, first_datamart = snapshot.member_batches(rdir, plan.roll_id, paths)
+        datamart_id = first_datamart if datamart_id is None else datamart_id
+    else:
+        # Only the columns the files show are parsed; the {datamart_id} macro and the manifest take the first row's.
+        batches = staging.iter_batches(paths, chunk_bytes=READ_CHUNK_BYTES, schema=read_schema(plan.spec))
+        if datamart_id is None:
+            first = staging.first_row(paths)
+            datamart_id = first[STAGED_FIELDS.index("datamart_id")] if first else ""
     constants = {
         "feed_id": plan.partition.feed_id,
         "segment_id": plan.partition.segment_id,
@@ -468,6 +517,7 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         extension=extension,
         file_format=plan.spec.file_format,
         datamart_id=datamart_id,
+        mode="full" if plan.mode == "snapshot" else "delta",
     )
     entries = [
         {
@@ -520,6 +570,7 @@ def _manifest_body(plan: _Plan, entries: list[dict[str, Any]], datamart_id: str)
         "compression": plan.spec.compression,
         "columns": [{"source": c.source, "header": c.header} for c in plan.spec.columns],
         **_shape(plan),
+        **({"mode": "full"} if plan.mode == "snapshot" else {}),
         "files": [{k: e[k] for k in ("name", "rows", "bytes", "sha256")} for e in entries],
         "counts": {
             "files": len(entries),
@@ -743,6 +794,7 @@ def _roll_locked(
     lease: Lease,
     now: datetime,
     datamart_id: str | None,
+    kind: RollMode = DELTA,
 ) -> RollOutcome:
     crash_point("lease")
     _clean_hidden_leftovers(pdir)
@@ -768,16 +820,31 @@ def _roll_locked(
             done = _run_roll(pdir, partition, roll_id, sink, lease)
             files.extend(done.files)
             rows += done.rows
-        if props is not None:
-            plan = _plan_roll(pdir, partition, props, now, datamart_id)
+        if props is not None and not kind.resume_only and not _slot_handled(pdir, partition, kind):
+            plan = _plan_roll(pdir, partition, props, now, datamart_id, kind)
             if plan is not None:
                 roll_ids.append(plan.roll_id)
                 done = _run_roll(pdir, partition, plan.roll_id, sink, lease)
                 files.extend(done.files)
                 rows += done.rows
+            if kind.slot is not None:
+                schedule.mark_slot(pdir, kind.slot)
     except RollError as e:
         return outcome("transient" if e.transient else "terminal", e)
     return outcome("published" if files else "nothing")
+
+
+def _slot_handled(pdir: Path, partition: Partition, kind: RollMode) -> bool:
+    """A slot's roll was planned before (a crash may have come before its mark): only resuming is left."""
+    if kind.slot is None:
+        return False
+    if schedule.slot_marked(pdir, kind.slot):
+        return True
+    roll_id = slot_roll_id(partition, kind.mode, kind.slot.astimezone(UTC).replace(microsecond=0))
+    if Ledger(pdir).has(roll_id) or (pdir / FAILED / roll_id).exists():
+        schedule.mark_slot(pdir, kind.slot)
+        return True
+    return False
 
 
 def roll_partition(
@@ -790,6 +857,8 @@ def roll_partition(
     wait_seconds: float = 0.0,
     datamart_id: str | None = None,
     lease_stale_after: float = LEASE_STALE_SECONDS,
+    kind: RollMode = DELTA,
+    pdir: Path | None = None,
 ) -> RollOutcome:
     """Resume the partition's unfinished rolls, then roll everything in sealed/ and publish it through `sink`.
 
@@ -802,13 +871,16 @@ def roll_partition(
         wait_seconds: how long to wait for a lease held by another live roller before answering "busy".
         datamart_id: value of the {datamart_id} name macro; defaults to the first datamart_id in the rows.
         lease_stale_after: seconds without a heartbeat after which another host's lease counts as abandoned.
+        kind: the roll's mode, inputs and schedule slot (RollMode); the default is a delta roll of staged rows.
+        pdir: the folder holding the roll's inputs and states, when it is not the partition's (a segment's
+            SNAPSHOT folder, pipeline/snapshot.py).
     """
-    pdir = partition_dir(root, partition)
+    pdir = pdir or partition_dir(root, partition)
     lease = Lease.acquire(pdir, wait_seconds=wait_seconds, stale_after=lease_stale_after)
     if lease is None:
         return RollOutcome(status="busy")
     try:
-        return _roll_locked(pdir, partition, props, sink, lease, now or datetime.now(UTC), datamart_id)
+        return _roll_locked(pdir, partition, props, sink, lease, now or datetime.now(UTC), datamart_id, kind)
     finally:
         lease.release()
 
@@ -821,6 +893,7 @@ def retry_failed(
     roll_ids: Iterable[str] | None = None,
     wait_seconds: float = 0.0,
     props: FeedProperties | None = None,
+    pdir: Path | None = None,
 ) -> RollOutcome:
     """Move failed rolls (all, or `roll_ids`) back to rolling/ and resume them with their own plans.
 
@@ -829,7 +902,7 @@ def retry_failed(
     encoding takes the feed's current `pgp_public_key` (the fix for a key that expired or was revoked since the
     plan): keys decide no name, and nothing of such a roll was published.
     """
-    pdir = partition_dir(root, partition)
+    pdir = pdir or partition_dir(root, partition)  # a segment's SNAPSHOT folder (pipeline/snapshot.py)
     lease = Lease.acquire(pdir, wait_seconds=wait_seconds)
     if lease is None:
         return RollOutcome(status="busy")

@@ -7,15 +7,26 @@ the feed's `max_buffer_age_seconds`. Several workers run the timer; the partitio
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import delivery
-from pipeline.model import Partition
-from pipeline.rollover import RollOutcome, due_partitions, failed_rolls, iter_partitions, pending_rolls
+from pipeline import delivery, schedule, snapshot
+from pipeline.ledger import partition_dir
+from pipeline.model import OPERATIONS, Partition
+from pipeline.rollover import (
+    RollOutcome,
+    due_partitions,
+    failed_rolls,
+    iter_partitions,
+    oldest_staged_row_ms,
+    pending_rolls,
+)
 
 if TYPE_CHECKING:
     from config.feed import FeedProperties
@@ -70,11 +81,71 @@ def flush(staging: Staging, props_by_feed: dict[str, FeedProperties], partitions
         open_names = [p.stem for p in staging.open_segments(partition)]
         if open_names:
             staging.wait_sealed(partition, open_names, timeout=wait_seconds)
-        outcome = delivery.roll(staging.root, partition, props, wait_seconds=wait_seconds)
+        slot = None
+        if props.delivery_schedule is not None:  # a scheduled feed: the latest slot, if it was not delivered
+            slot = _due_slot(staging.root, partition, props, datetime.now(UTC))
+        outcome = delivery.roll(staging.root, partition, props, wait_seconds=wait_seconds, slot=slot)
         report.outcomes[partition] = outcome
         if progress:
             progress(partition, outcome)
     return report
+
+
+def _delivery_target(root: Path, partition: Partition, props: FeedProperties) -> tuple[Partition, list[Path]]:
+    """The partition a scheduled delivery is rolled as, and the folders it takes from (the first holds the mark)."""
+    if props.delivery_mode == "snapshot":
+        sdir = snapshot.snapshot_dir(root, partition.feed_id, partition.segment_id)
+        parts = [Partition(partition.feed_id, partition.segment_id, op) for op in OPERATIONS]
+        return snapshot.snapshot_partition(partition), [sdir, *(partition_dir(root, p) for p in parts)]
+    return partition, [partition_dir(root, partition)]
+
+
+def _first_data(folders: list[Path]) -> datetime | None:
+    """When the oldest data waiting in `folders` arrived: staged rows, or (snapshot) runs and state."""
+    times: list[float] = []
+    for folder in folders:
+        oldest = oldest_staged_row_ms(folder)
+        if oldest is not None:
+            times.append(oldest / 1000)
+        for sub in ("sealed", "state"):
+            try:
+                times.extend(e.stat().st_mtime for e in os.scandir(folder / sub) if e.name.endswith((".run", "CURRENT")))
+            except FileNotFoundError:
+                continue
+    return datetime.fromtimestamp(min(times), UTC) if times else None
+
+
+def _due_slot(root: Path, partition: Partition, props: FeedProperties, now: datetime) -> datetime | None:
+    assert props.delivery_schedule is not None
+    _, folders = _delivery_target(root, partition, props)
+    return schedule.due_slot(props.delivery_schedule, folders[0], now, _first_data(folders))
+
+
+def due_slots(root: Path, props_by_feed: dict[str, FeedProperties], now: datetime | None = None
+              ) -> list[tuple[Partition, datetime]]:
+    """The deliveries of scheduled feeds due now: (partition to roll, slot), one per delivery folder."""
+    now = now or datetime.now(UTC)
+    out: list[tuple[Partition, datetime]] = []
+    seen: set[Partition] = set()
+    for partition in iter_partitions(root):
+        props = props_by_feed.get(partition.feed_id)
+        if props is None or props.delivery_schedule is None:
+            continue
+        target, _ = _delivery_target(root, partition, props)
+        if target in seen:
+            continue
+        seen.add(target)
+        slot = _due_slot(root, partition, props, now)
+        if slot is not None:
+            out.append((target, slot))
+    return out
+
+
+def deliver_due_slots(root: Path, props_by_feed: dict[str, FeedProperties], now: datetime | None = None
+                      ) -> dict[Partition, RollOutcome]:
+    """Deliver every scheduled feed's due slot now (the worker loop does this every flush_check_seconds)."""
+    return {partition: delivery.roll(root, partition, props_by_feed[partition.feed_id], slot=slot)
+            for partition, slot in due_slots(root, props_by_feed, now)}
 
 
 async def _props_by_feed(source: ContextSource, feed_ids: Iterable[str]) -> tuple[dict[str, FeedProperties],
@@ -106,10 +177,15 @@ async def run_age_flushes(staging: Staging, source: ContextSource, settings: Ser
             props, problems = await _props_by_feed(source, feed_ids)
             for feed_id, why in problems.items():
                 log.warning("age flush skips feed %s: %s", feed_id, why, extra={"feed_id": feed_id})
-            ages = {f: float(p.max_buffer_age_seconds) for f, p in props.items()}
+            # scheduled feeds are delivered at their slots only; due_partitions still resumes their unfinished rolls
+            ages = {f: float(p.max_buffer_age_seconds) for f, p in props.items() if p.delivery_schedule is None}
             due = await loop.run_in_executor(None, due_partitions, staging.root, ages)
-            if due:
+            slots = await loop.run_in_executor(None, due_slots, staging.root, props)
+            if due or slots:
                 await staging.seal_all_async()  # a roll takes sealed segments; other writers seal theirs by age
+            for partition, slot in slots:
+                await loop.run_in_executor(None, functools.partial(
+                    delivery.roll, staging.root, partition, props[partition.feed_id], slot=slot))
             for partition in due:
                 feed_props = props.get(partition.feed_id)
                 if feed_props is None:

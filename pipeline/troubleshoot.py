@@ -17,6 +17,7 @@ from pipeline.delivery import LAST_ERROR
 from pipeline.ledger import Ledger, partition_dir, read_json
 from pipeline.model import Partition
 from pipeline.rollover import failed_rolls, iter_partitions, pending_rolls
+from pipeline.snapshot import delivery_dirs
 
 if TYPE_CHECKING:
     from filefeed.context import FeedContext
@@ -40,7 +41,10 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
     """One partition: staged rows and bytes, oldest row, pending and failed rolls, deliveries, last error."""
     st = staging.stats(partition)
     pdir = partition_dir(staging.root, partition)
-    entries = Ledger(pdir).entries()
+    # deliveries: rolls that published files, including a snapshot feed's (listed under its UPSERT partition);
+    # a snapshot feed's apply rolls publish nothing
+    entries = sorted((e for d in delivery_dirs(staging.root, partition) for e in Ledger(d).entries() if e.files),
+                     key=lambda e: e.roll_id)
     failed = []
     for roll_id in failed_rolls(staging.root, partition):
         reason = _read(pdir / "failed" / roll_id / "reason.json") or {}

@@ -26,8 +26,8 @@ import orjson
 from pipeline import delivery
 from pipeline.identifiers import MAX_VALUE_LENGTH
 from pipeline.journal import encode_frame, encode_lines
-from pipeline.layout import FORBIDDEN_RE as _FORBIDDEN
 from pipeline.layout import FAILED, SEALED, SUFFIX
+from pipeline.layout import FORBIDDEN_RE as _FORBIDDEN
 from pipeline.layout import SEGMENT_NAME_RE as _REF
 from pipeline.layout import roll_folder_holding as _roll_folder_holding
 from pipeline.ledger import atomic_write_bytes, consumed_segments, partition_dir

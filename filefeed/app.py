@@ -33,7 +33,7 @@ from filefeed.protocol import (
     parse_json_body,
     require_str,
 )
-from pipeline import batch, scheduler, troubleshoot
+from pipeline import delivery, lanes, scheduler, troubleshoot
 from pipeline.identifiers import RequestError
 from pipeline.ingest import ingest_update
 from pipeline.staging import Staging
@@ -58,6 +58,8 @@ class Plugin:
             inline_commit=settings.commit_mode == "inline",
         )
         self.tasks: list[asyncio.Task] = []
+        delivery.configure(settings)
+        self.lanes = lanes.Lanes(settings.destination_concurrency, settings.destination_queue)
 
     async def context(self, feed_id: str, *, force: bool = False) -> FeedContext:
         return await self.source.feed_context(feed_id, force=force)
@@ -180,7 +182,7 @@ async def batch_update(plugin: Plugin, body: dict) -> Response:
         return handler_response("batch_update", {"status": "ERROR", "message": f"feed {feed_id} has invalid "
                                                  f"properties: {ctx.error}", "sent_items_in_success": 0,
                                                  "sent_items_in_error": 0})
-    result = await run_in_threadpool(batch.deliver_batch, plugin.staging, ctx, body, plugin.settings)
+    result = await lanes.deliver_within_deadline(plugin.lanes, plugin.staging, ctx, body, plugin.settings)
     return handler_response("batch_update", result)
 
 
@@ -328,7 +330,8 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
         await run_in_threadpool(plugin.staging.recover)
         plugin.tasks = [
             asyncio.create_task(plugin.staging.run_sealer(), name="sealer"),
-            asyncio.create_task(scheduler.run_age_flushes(plugin.staging, plugin.source, settings), name="flusher"),
+            asyncio.create_task(scheduler.run_age_flushes(plugin.staging, plugin.source, settings,
+                                                                plugin.lanes), name="flusher"),
             asyncio.create_task(logs.follow_level(settings.staging_dir), name="log-level"),
             asyncio.create_task(metrics.run_flusher(), name="metrics-flush"),
         ]
@@ -341,6 +344,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
             for t in plugin.tasks:
                 t.cancel()
             await asyncio.gather(*plugin.tasks, return_exceptions=True)
+            plugin.lanes.shutdown()
             await plugin.staging.aclose()
             await plugin.source.aclose()
 

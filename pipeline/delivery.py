@@ -1,7 +1,7 @@
 """Rolling a partition through the feed's sink: one entry point for batch_update, the age timer and the CLI.
 
-Sinks are kept per feed configuration (a boto3 client or an SSH session is expensive to build) and used under a
-lock, because one sink object may be shared by the threads rolling several partitions of a feed.
+Sinks are kept per feed configuration (a boto3 client or an SSH session is expensive to build), one roll at a time
+each (see SinkPool).
 """
 
 from __future__ import annotations
@@ -13,51 +13,96 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from config.feed import FeedProperties
 from pipeline.ledger import Ledger, atomic_write_json, partition_dir
 from pipeline.model import Partition
 from pipeline.rollover import RollOutcome, roll_partition
-from sinks import Sink, SinkError, open_sink
+from sinks import Sink, SinkError, TransientError, open_sink
+from sinks.base import set_deadlines
+
+if TYPE_CHECKING:
+    from config.settings import ServiceSettings
 
 log = logging.getLogger("filefeed.delivery")
 
 
 class SinkPool:
-    """Open sinks by feed configuration; a changed configuration gets a new sink."""
+    """Open sinks by feed configuration; a changed configuration gets new sinks.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sinks: dict[str, tuple[Sink, threading.Lock]] = {}
+    A sink object is used by one roll at a time (a boto3 client is thread-safe, an SSH session is not), so each
+    configuration keeps up to `per_config` of them: a roll takes an idle one or opens another, and waits for one to come
+    back at most `checkout_seconds` (then TransientError "busy"): never a lock without a timeout, and a roll stuck at
+    one partner never makes a roll of another partition wait on it.
+    """
+
+    def __init__(self, per_config: int = 8, checkout_seconds: float = 30.0) -> None:
+        self.per_config = per_config
+        self.checkout_seconds = checkout_seconds
+        self._cond = threading.Condition()
+        self._idle: dict[str, list[Sink]] = {}
+        self._open: dict[str, int] = {}
+
+    def _take(self, key: str, props: FeedProperties) -> Sink:
+        deadline = time.monotonic() + self.checkout_seconds
+        with self._cond:
+            while True:
+                idle = self._idle.get(key)
+                if idle:
+                    return idle.pop()
+                if self._open.get(key, 0) < self.per_config:
+                    self._open[key] = self._open.get(key, 0) + 1
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransientError(f"{props.destination.scheme}:// destination busy: {self.per_config} rolls "
+                                         f"use it already", kind="busy")
+                self._cond.wait(left)
+        try:
+            return open_sink(props)
+        except BaseException:
+            self._give_back(key, None)
+            raise
+
+    def _give_back(self, key: str, sink: Sink | None) -> None:
+        with self._cond:
+            if sink is None:
+                self._open[key] -= 1
+            else:
+                self._idle.setdefault(key, []).append(sink)
+            self._cond.notify()
 
     @contextmanager
     def sink(self, props: FeedProperties) -> Iterator[Sink]:
         key = props.model_dump_json()  # includes secrets, but only as a dict key in memory
-        with self._lock:
-            entry = self._sinks.get(key)
-            if entry is None:
-                entry = self._sinks[key] = (open_sink(props), threading.Lock())
-        sink, lock = entry
-        with lock:
-            try:
-                yield sink
-            except SinkError:
-                # a broken connection must not poison later rolls: reopen next time
-                with self._lock:
-                    if self._sinks.get(key) is entry:
-                        del self._sinks[key]
-                sink.close()
-                raise
+        sink = self._take(key, props)
+        try:
+            yield sink
+        except BaseException:
+            # a broken connection must not poison later rolls: the next roll opens a fresh one
+            self._give_back(key, None)
+            sink.close()
+            raise
+        self._give_back(key, sink)
 
     def close(self) -> None:
-        with self._lock:
-            entries = list(self._sinks.values())
-            self._sinks.clear()
-        for sink, _ in entries:
+        with self._cond:
+            sinks = [s for idle in self._idle.values() for s in idle]
+            for key, idle in self._idle.items():
+                self._open[key] -= len(idle)
+            self._idle.clear()
+        for sink in sinks:
             sink.close()
 
 
 POOL = SinkPool()
+
+
+def configure(settings: ServiceSettings) -> None:
+    """The process's sink deadlines and pool size, from the service settings (server and CLI alike)."""
+    set_deadlines(settings.sink_connect_timeout_seconds, settings.sink_read_timeout_seconds)
+    POOL.per_config = max(POOL.per_config, settings.destination_concurrency + 1)
 
 
 LAST_ERROR = "last_error.json"

@@ -101,6 +101,22 @@ def classify_os_error(e: OSError, what: str) -> SinkError:
     return TerminalError(f"{what}: {detail}", kind="io")
 
 
+@dataclass
+class Deadlines:
+    """Every network call of every sink: `connect` to open a connection (and SSH banner, handshake, auth), `read`
+    for any single wait on the partner (one socket read, one SFTP request). Set once from the service settings."""
+
+    connect: float = 10.0
+    read: float = 30.0
+
+
+DEADLINES = Deadlines()
+
+
+def set_deadlines(connect: float, read: float) -> None:
+    DEADLINES.connect, DEADLINES.read = connect, read
+
+
 @dataclass(frozen=True)
 class RemoteObject:
     name: str  # relative to the destination prefix, '/'-separated
@@ -123,6 +139,9 @@ class Sink(abc.ABC):
     def __init__(self, props: FeedProperties):
         self.props = props
         self.destination = props.destination
+        # per instance, so a test can shorten them before first use
+        self.connect_timeout: float = DEADLINES.connect
+        self.read_timeout: float = DEADLINES.read
 
     def open_source(self, local_path: Path) -> BinaryIO:
         """Open the local file to publish. The one place the bytes are read from (tests inject failures here)."""

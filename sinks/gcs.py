@@ -4,8 +4,8 @@
   `gcs_service_account_json` (service_account.Credentials.from_service_account_info) or Application Default
   Credentials. A service-account JSON that cannot be parsed is refused (kind "auth") even with an emulator endpoint.
 - Small files (<= 8 MiB, the library's multipart limit) go in one request; larger ones in a resumable upload with
-  32 MiB chunks (8 MiB chunks halve throughput). Both carry `ifGenerationMatch=0`: create-only, and a 412 leads to
-  comparing the existing object (same size and MD5 -> `already_present`, else TerminalError kind "conflict").
+  100 MiB chunks (`chunk_size`). Both carry `ifGenerationMatch=0`: create-only, and a 412 leads to comparing the
+  existing object (same size and MD5 -> `already_present`, else TerminalError kind "conflict").
 - Nothing half-visible: an object exists only once its upload completes; an abandoned resumable session holds no
   object (GCS expires it after a week).
 - fake-gcs-server (1.54) enforces `ifGenerationMatch=0` on single-request uploads but NOT on resumable ones. The
@@ -109,11 +109,14 @@ class GCSSink(Sink):
     # round trip and a commit per request; 32 MiB chunks ran at 0.43 of `upload_from_filename` here, 100 MiB at par.
     # Costs up to 100 MiB of memory during an upload.
     chunk_size: int = 100 * MiB
-    timeout: float | tuple[float, float] = (10.0, 120.0)  # (connect, read) per HTTP request
     retry_deadline: float = 30.0  # library-level retries per request; 0 disables (publish retries are the caller's)
 
     _client: Any = None
     _bucket: Any = None
+
+    def __init__(self, props: Any):
+        super().__init__(props)
+        self.timeout: float | tuple[float, float] = (self.connect_timeout, self.read_timeout)  # per HTTP request
 
     @property
     def client(self) -> Any:

@@ -132,8 +132,6 @@ class S3Sink(Sink):
 
     # Tunables, overridable per instance before first use (tests shorten the timeouts).
     transfer_config = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB, max_concurrency=6)
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
     max_attempts: int = 3  # botocore "standard" retries per request; publish-level retries belong to the caller
     abort_attempts: int = 8
     abort_seconds: float = 30.0

@@ -168,7 +168,6 @@ class SFTPSink(Sink):
     scheme = "sftp"
 
     # Tunables, overridable per instance before first use.
-    timeout: float = 30.0  # connect, handshake and every SFTP request
     write_buffer: int = MiB
     posix_rename_supported: bool | None = None  # None: not known yet; found on first publish
 
@@ -177,6 +176,7 @@ class SFTPSink(Sink):
 
     def __init__(self, props: Any):
         super().__init__(props)
+        self.timeout = self.read_timeout  # every SFTP request on the channel
         self._dirs: set[str] = set()  # folders known to exist in this session (saves round trips)
 
     # -- connection --------------------------------------------------------------------------------------------
@@ -211,18 +211,18 @@ class SFTPSink(Sink):
         pkey = load_private_key(self.props.sftp_private_key.get_secret_value()) if self.props.sftp_private_key else None
         transport = None
         try:
-            sock = socket.create_connection((d.host, d.port), timeout=self.timeout)
+            sock = socket.create_connection((d.host, d.port), timeout=self.connect_timeout)
             transport = paramiko.Transport(sock)
-            transport.banner_timeout = self.timeout
-            transport.auth_timeout = self.timeout
-            transport.handshake_timeout = self.timeout
+            transport.banner_timeout = self.connect_timeout
+            transport.auth_timeout = self.connect_timeout
+            transport.handshake_timeout = self.connect_timeout
             if keys and not prints:
                 # ask for the key type(s) we pinned, or a server with several host keys could offer another one
                 wanted = [a for t in keys for a in _KEY_ALGOS.get(t, [t])]
                 usable = [a for a in wanted if a in transport.get_security_options().key_types]
                 if usable:
                     transport.get_security_options().key_types = usable
-            transport.start_client(timeout=self.timeout)
+            transport.start_client(timeout=self.connect_timeout)
             server_key = transport.get_remote_server_key()
             blob = server_key.asbytes()
             if blob not in keys.get(server_key.get_name(), set()) and fingerprint(blob) not in prints:

@@ -14,13 +14,13 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from config.problems import ConfigFileError
 from config.settings import ServiceSettings, load_settings
-from filefeed import __version__, hotpath, lifecycle, logs, metrics, server
+from filefeed import __version__, guard, hotpath, lifecycle, logs, metrics, server
 from filefeed.context import ContextSource, FeedContext, GatewayError, NotFound, context_source
 from filefeed.protocol import (
     BadRequest,
@@ -83,6 +83,8 @@ def feed_endpoint(route: str, handler: FeedHandler, *, creation: bool = False) -
             response = await handler(plugin, body)
         except MissingBody:
             response = missing_body_response()
+        except ClientDisconnect:  # the body never came whole (filefeed.guard closed the connection): nobody to answer
+            response = empty_response(408)
         except (BadRequest, RequestError) as e:
             response = _bad_request(route, str(e), creation)
         except (NotFound, ConfigFileError) as e:  # ConfigFileError: the embedded feeds file, broken since start
@@ -319,6 +321,7 @@ def routes() -> list[Route]:
 def create_app(settings: ServiceSettings | None = None, source: ContextSource | None = None) -> hotpath.HotRoutes:
     settings = settings or load_settings()
     logs.configure(settings.log_level, settings.staging_dir)
+    guard.configure(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -80,7 +80,7 @@ class ServiceSettings(BaseSettings):
     destination_queue: int = Field(default=32, ge=0, le=10_000, description="batches waiting per destination")
     sink_connect_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     sink_read_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
-    leftover_age_seconds: float = Field(default=3600.0, ge=60,
+    leftover_age_seconds: float = Field(default=3600.0, ge=1,
                                         description="filefeed's own temp uploads older than this are removed")
 
     # slow clients

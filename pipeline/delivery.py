@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 from config.feed import FeedProperties
 from pipeline.ledger import Ledger, atomic_write_json, partition_dir
 from pipeline.model import Partition
-from pipeline.rollover import RollOutcome, roll_partition
+from pipeline.naming import listing_prefixes, name_pattern
+from pipeline.rollover import RollOutcome, iter_partitions, roll_partition
 from sinks import Sink, SinkError, TransientError, open_sink
-from sinks.base import set_deadlines
+from sinks.base import Leftover, set_deadlines
 
 if TYPE_CHECKING:
     from config.settings import ServiceSettings
@@ -99,10 +100,53 @@ class SinkPool:
 POOL = SinkPool()
 
 
+LEFTOVERS = {"older_than": 3600.0}
+SWEEP_EVERY_SECONDS = 600.0
+_last_sweep: dict[tuple[str, str], float] = {}  # (feed id, sink configuration) -> when this process last swept
+_sweep_lock = threading.Lock()
+
+
 def configure(settings: ServiceSettings) -> None:
-    """The process's sink deadlines and pool size, from the service settings (server and CLI alike)."""
+    """The process's sink deadlines, pool size and leftover age, from the service settings (server and CLI alike)."""
     set_deadlines(settings.sink_connect_timeout_seconds, settings.sink_read_timeout_seconds)
     POOL.per_config = max(POOL.per_config, settings.destination_concurrency + 1)
+    LEFTOVERS["older_than"] = settings.leftover_age_seconds
+
+
+def own_names(root: Path, feed_id: str, props: FeedProperties) -> tuple[list[str], Callable[[str], bool]]:
+    """Where this feed's files are and which names are its own: the feed's naming over the segments staged here."""
+    segments = sorted({p.segment_id for p in iter_partitions(root) if p.feed_id == feed_id})
+    template = props.file_name_template
+    pattern = name_pattern(template, {"feed_id": [feed_id], "segment_id": segments})
+    found = {p for seg in segments or [""] for p in listing_prefixes(template, {"feed_id": feed_id, "segment_id": seg})}
+    prefixes = sorted(p for p in found if not any(q != p and p.startswith(q) for q in found))
+    return prefixes, lambda name: bool(pattern.fullmatch(name))
+
+
+def find_leftovers(sink: Sink, root: Path, feed_id: str, props: FeedProperties, older_than: float) -> list[Leftover]:
+    prefixes, own = own_names(root, feed_id, props)
+    return list(sink.leftovers(prefixes, older_than, own))
+
+
+def sweep_leftovers(sink: Sink, root: Path, partition: Partition, props: FeedProperties) -> int:
+    """Remove temp files and incomplete uploads of this feed's own naming older than the setting (a process killed
+    mid-upload leaves them). Once per SWEEP_EVERY_SECONDS per feed and process; never fails the roll."""
+    key = (partition.feed_id, props.model_dump_json())
+    now = time.monotonic()
+    with _sweep_lock:
+        if now - _last_sweep.get(key, -SWEEP_EVERY_SECONDS) < SWEEP_EVERY_SECONDS:
+            return 0
+        _last_sweep[key] = now
+    removed = 0
+    try:
+        for lo in find_leftovers(sink, root, partition.feed_id, props, LEFTOVERS["older_than"]):
+            sink.remove_leftover(lo)
+            removed += 1
+            log.info("removed leftover %s (%.0f s old) at %s", lo.name, lo.age_seconds, props.destination.scheme,
+                     extra={"feed_id": partition.feed_id})
+    except SinkError as e:
+        log.warning("leftover sweep of feed %s stopped: %s", partition.feed_id, e, extra={"feed_id": partition.feed_id})
+    return removed
 
 
 LAST_ERROR = "last_error.json"
@@ -137,6 +181,8 @@ def roll(root: Path, partition: Partition, props: FeedProperties, *, wait_second
     try:
         with pool.sink(props) as sink:
             outcome = roll_partition(root, partition, props, sink, wait_seconds=wait_seconds)
+            if outcome.status in ("published", "nothing"):  # the partner answers: clean what crashes left there
+                sweep_leftovers(sink, root, partition, props)
     except SinkError as e:  # opening the sink failed (missing dependency, unusable configuration)
         outcome = RollOutcome(status="transient" if e.transient else "terminal", error=str(e), error_kind=e.kind)
     seconds = time.perf_counter() - started

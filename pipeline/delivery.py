@@ -158,7 +158,7 @@ def record_error(root: Path, partition: Partition, outcome: RollOutcome) -> None
     pdir = partition_dir(root, partition)
     try:
         if pdir.is_dir():
-            atomic_write_json(pdir / LAST_ERROR, {"error_class": outcome.status, "kind": outcome.error_kind,
+            atomic_write_json(pdir / LAST_ERROR, {"severity": outcome.status, "kind": outcome.error_kind,
                                                   "message": outcome.error, "time": datetime.now(UTC).isoformat()})
     except OSError as e:  # e.g. the staging volume is full: the roll's own outcome still reaches the caller
         log.warning("could not record the last error of %s: %s", partition, e.strerror or e)
@@ -184,7 +184,7 @@ def roll(root: Path, partition: Partition, props: FeedProperties, *, wait_second
             if outcome.status in ("published", "nothing"):  # the partner answers: clean what crashes left there
                 sweep_leftovers(sink, root, partition, props)
     except SinkError as e:  # opening the sink failed (missing dependency, unusable configuration)
-        outcome = RollOutcome(status="transient" if e.transient else "terminal", error=str(e), error_kind=e.kind)
+        outcome = RollOutcome(status=e.severity, error=str(e), error_kind=e.kind)
     seconds = time.perf_counter() - started
     scheme = props.destination.scheme
     nbytes = 0
@@ -197,7 +197,8 @@ def roll(root: Path, partition: Partition, props: FeedProperties, *, wait_second
         record_error(root, partition, outcome)
         log.warning("roll of %s: %s (%s): %s", partition, outcome.status, outcome.error_kind, outcome.error,
                     extra={"feed_id": partition.feed_id, "segment_id": partition.segment_id,
-                           "outcome": outcome.status, "error_class": outcome.error_kind})
+                           "outcome": outcome.status, "severity": outcome.status,
+                           "kind": outcome.error_kind})
     elif outcome.status == "published":
         clear_error(root, partition)
         log.info("roll of %s: published %d rows in %d files in %.2fs", partition, outcome.rows, len(outcome.files),

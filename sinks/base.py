@@ -2,7 +2,8 @@
 
 Every sink publishes atomically (nothing half-visible) and idempotently (a re-publish of the same deterministic name
 never creates a second object), and classifies its own errors once, here at the edge: `TransientError` (retry with
-backoff, the platform gets RETRY) or `TerminalError` (the rows go to failed/, the platform gets ERROR).
+backoff, the platform gets RETRY) or `TerminalError` (the rows go to failed/, the platform gets ERROR): the one
+taxonomy of sinks/errors.py.
 Error messages never contain a credential.
 """
 
@@ -19,26 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
+from sinks.errors import Classified, Terminal, Transient
+
 if TYPE_CHECKING:
     from config.feed import FeedProperties
 
 
-class SinkError(Exception):
-    """Base of every error a sink raises. `transient` says whether a retry can help."""
-
-    transient: ClassVar[bool] = False
-
-    def __init__(self, message: str, *, kind: str = "error"):
-        super().__init__(message)
-        self.kind = kind  # short class for metrics/troubleshoot: "network", "auth", "permission", "not_found", ...
+class SinkError(Classified):
+    """Base of every error a sink raises; its mixin says whether a retry can help, `kind` what went wrong
+    ("network", "auth", "permission", "not_found", ...: sinks/errors.py)."""
 
 
-class TransientError(SinkError):
-    transient = True
+class TransientError(Transient, SinkError):
+    pass
 
 
-class TerminalError(SinkError):
-    transient = False
+class TerminalError(Terminal, SinkError):
+    pass
 
 
 def check_name(name: str) -> str:

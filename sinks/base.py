@@ -39,23 +39,29 @@ class TerminalError(Terminal, SinkError):
     pass
 
 
-def check_name(name: str) -> str:
-    """Return `name` if it is a safe relative object name, else raise TerminalError(kind="invalid_name").
+def name_problem(name: str) -> str | None:
+    """What makes `name` unsafe as a relative object name, or None: the one rule for every name filefeed writes.
 
     Refused: empty, absolute, backslash, NUL or control characters, empty / '.' / '..' segments, a trailing '/'.
-    The same rule for every backend, so a name that works on one never escapes the root on another.
+    The same rule for every backend, so a name that works on one never escapes the root on another
+    (pipeline/naming.py adds what only rendered file names must avoid: hidden segments, excessive length).
     """
-    problem = None
     if not isinstance(name, str) or not name:
-        problem = "is empty"
-    elif name.startswith("/"):
-        problem = "is absolute"
-    elif "\\" in name:
-        problem = "contains a backslash"
-    elif any(ord(c) < 0x20 or c == "\x7f" for c in name):
-        problem = "contains NUL or control characters"
-    elif any(seg in ("", ".", "..") for seg in name.split("/")):
-        problem = "has an empty, '.' or '..' segment"
+        return "is empty"
+    if name.startswith("/"):
+        return "is absolute"
+    if "\\" in name:
+        return "contains a backslash"
+    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        return "contains NUL or control characters"
+    if any(seg in ("", ".", "..") for seg in name.split("/")):
+        return "has an empty, '.' or '..' segment"
+    return None
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a safe relative object name, else raise TerminalError(kind="invalid_name")."""
+    problem = name_problem(name)
     if problem:
         raise TerminalError(f"object name {name!r} {problem}", kind="invalid_name")
     return name

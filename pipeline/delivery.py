@@ -20,7 +20,7 @@ from pipeline.ledger import Ledger, atomic_write_json, partition_dir
 from pipeline.model import Partition
 from pipeline.naming import listing_prefixes, name_pattern
 from pipeline.rollover import RollOutcome, iter_partitions, roll_partition
-from sinks import Sink, SinkError, TransientError, open_sink
+from sinks import Sink, SinkError, TransientError, open_sink, sink_class
 from sinks.base import Leftover, set_deadlines
 
 if TYPE_CHECKING:
@@ -32,10 +32,12 @@ log = logging.getLogger("filefeed.delivery")
 class SinkPool:
     """Open sinks by feed configuration; a changed configuration gets new sinks.
 
-    A sink object is used by one roll at a time (a boto3 client is thread-safe, an SSH session is not), so each
-    configuration keeps up to `per_config` of them: a roll takes an idle one or opens another, and waits for one to come
-    back at most `checkout_seconds` (then TransientError "busy"): never a lock without a timeout, and a roll stuck at
-    one partner never makes a roll of another partition wait on it.
+    A sink whose class is `shareable` (S3: a boto3 client is thread-safe and costly to build, ~0.1-0.8 s of CPU
+    holding the GIL; the local folder) is one object for all concurrent rolls of a configuration. Any other (an SSH
+    session, GCS's requests session) is used by one roll at a time: each configuration keeps up to `per_config` of
+    them, a roll takes an idle one or opens another, and waits for one to come back at most `checkout_seconds` (then
+    TransientError "busy"). Never a lock without a timeout; a roll stuck at one partner never makes a roll of another
+    partition wait on it.
     """
 
     def __init__(self, per_config: int = 8, checkout_seconds: float = 30.0) -> None:
@@ -44,8 +46,15 @@ class SinkPool:
         self._cond = threading.Condition()
         self._idle: dict[str, list[Sink]] = {}
         self._open: dict[str, int] = {}
+        self._shared: dict[str, Sink] = {}
 
     def _take(self, key: str, props: FeedProperties) -> Sink:
+        if sink_class(props.destination.scheme).shareable:
+            with self._cond:
+                shared = self._shared.get(key)
+                if shared is None:
+                    shared = self._shared[key] = open_sink(props)  # cheap: connections are opened on first use
+                return shared
         deadline = time.monotonic() + self.checkout_seconds
         with self._cond:
             while True:
@@ -68,6 +77,8 @@ class SinkPool:
 
     def _give_back(self, key: str, sink: Sink | None) -> None:
         with self._cond:
+            if self._shared.get(key) is not None:
+                return
             if sink is None:
                 self._open[key] -= 1
             else:
@@ -82,6 +93,11 @@ class SinkPool:
             yield sink
         except BaseException:
             # a broken connection must not poison later rolls: the next roll opens a fresh one
+            if sink.shareable:  # other rolls may be using it: replaced, closed when they are done with it
+                with self._cond:
+                    if self._shared.get(key) is sink:
+                        del self._shared[key]
+                raise
             self._give_back(key, None)
             sink.close()
             raise
@@ -89,7 +105,8 @@ class SinkPool:
 
     def close(self) -> None:
         with self._cond:
-            sinks = [s for idle in self._idle.values() for s in idle]
+            sinks = [s for idle in self._idle.values() for s in idle] + list(self._shared.values())
+            self._shared.clear()
             for key, idle in self._idle.items():
                 self._open[key] -= len(idle)
             self._idle.clear()

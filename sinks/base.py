@@ -171,6 +171,8 @@ class Sink(abc.ABC):
     """A destination. Names are relative to the destination URI's prefix/path, '/'-separated, never '..'."""
 
     scheme: ClassVar[str]
+    # One object may serve concurrent rolls (thread-safe, nothing per publish kept on it): see SinkPool.
+    shareable: ClassVar[bool] = False
 
     def __init__(self, props: FeedProperties):
         self.props = props

@@ -66,6 +66,7 @@ def _copy(src: BinaryIO, dst: BinaryIO) -> None:
 @register
 class LocalSink(Sink):
     scheme = "file"
+    shareable = True
     # Publish by hard link when source and destination share a filesystem; tests of the copy path turn it off.
     link_sources = True
 

@@ -129,6 +129,7 @@ def _is_precondition_failure(e: BaseException) -> bool:
 @register
 class S3Sink(Sink):
     scheme = "s3"
+    shareable = True  # a boto3 client is thread-safe; building one takes 0.1-0.8 s of CPU
 
     # Tunables, overridable per instance before first use (tests shorten the timeouts).
     transfer_config = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB, max_concurrency=6)
@@ -143,8 +144,20 @@ class S3Sink(Sink):
     def bucket(self) -> str:
         return self.destination.host
 
+    _client_lock = threading.Lock()  # one client built at a time (class-wide: building is CPU, not waiting)
+
     @property
     def client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        if not self._client_lock.acquire(timeout=60):
+            raise TransientError(f"creating the S3 client for {self.destination.uri}: timed out", kind="busy")
+        try:
+            return self._build_client()
+        finally:
+            self._client_lock.release()
+
+    def _build_client(self) -> Any:
         if self._client is None:
             p = self.props
             endpoint = p.s3_endpoint_url
@@ -154,7 +167,8 @@ class S3Sink(Sink):
                 retries={"mode": "standard", "max_attempts": self.max_attempts},
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,
-                max_pool_connections=self.transfer_config.max_request_concurrency + 4,
+                # several rolls share one client (SinkPool), each sending up to max_concurrency parts at once
+                max_pool_connections=4 * self.transfer_config.max_request_concurrency + 4,
             )
             kwargs: dict[str, Any] = {
                 "endpoint_url": endpoint,

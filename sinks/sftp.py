@@ -432,25 +432,8 @@ class SFTPSink(Sink):
         folder, _, _ = prefix.rpartition("/")
         if folder:
             check_name(folder)
-        root = self.destination.path
         try:
-            sftp = self._connect()
-            stack = [posixpath.join(root, folder) if folder else root]
-            found: list[RemoteObject] = []
-            while stack:
-                current = stack.pop()
-                try:
-                    entries = sftp.listdir_attr(current)
-                except FileNotFoundError:
-                    continue
-                for a in entries:
-                    full = posixpath.join(current, a.filename)
-                    rel = posixpath.relpath(full, root)
-                    if stat_mod.S_ISDIR(a.st_mode or 0):
-                        if rel.startswith(prefix) or prefix.startswith(rel + "/"):
-                            stack.append(full)
-                    elif stat_mod.S_ISREG(a.st_mode or 0) and rel.startswith(prefix):
-                        found.append(RemoteObject(rel, a.st_size))
+            found = [RemoteObject(rel, a.st_size) for rel, a in self._walk(folder, prefix) if rel.startswith(prefix)]
         except SinkError:
             raise
         except Exception as e:
@@ -469,33 +452,40 @@ class SFTPSink(Sink):
         except Exception as e:
             raise self._fail(e, f"reading {self.url(name)}") from None
 
+    def _walk(self, folder: str, prefix: str) -> Iterator[tuple[str, Any]]:
+        """(relative name, attributes) of the regular files under `folder`, descending only where `prefix` may
+        match."""
+        root = self.destination.path
+        sftp = self._connect()
+        stack = [posixpath.join(root, folder) if folder else root]
+        while stack:
+            current = stack.pop()
+            try:
+                entries = sftp.listdir_attr(current)
+            except FileNotFoundError:
+                continue
+            for a in entries:
+                full = posixpath.join(current, a.filename)
+                rel = posixpath.relpath(full, root)
+                if stat_mod.S_ISDIR(a.st_mode or 0):
+                    if rel.startswith(prefix) or prefix.startswith(rel + "/"):
+                        stack.append(full)
+                elif stat_mod.S_ISREG(a.st_mode or 0):
+                    yield rel, a
+
     def leftovers(self, prefixes: Iterable[str], older_than: float,
                   own: Callable[[str], bool]) -> Iterator[Leftover]:
         """Our dot-prefixed temp files (a process killed mid-upload leaves one) in the folders under `prefixes`."""
-        root = self.destination.path
         now = time.time()
         found: list[Leftover] = []
         try:
-            sftp = self._connect()
             for prefix in prefixes:
                 folder = prefix.rpartition("/")[0]
                 if folder:
                     check_name(folder)
-                stack = [posixpath.join(root, folder) if folder else root]
-                while stack:
-                    current = stack.pop()
-                    try:
-                        entries = sftp.listdir_attr(current)
-                    except FileNotFoundError:
-                        continue
-                    for a in entries:
-                        full = posixpath.join(current, a.filename)
-                        rel = posixpath.relpath(full, root)
-                        if stat_mod.S_ISDIR(a.st_mode or 0):
-                            stack.append(full)
-                        elif rel.startswith(prefix.rpartition("/")[0]) and (
-                                lo := temp_leftover(rel, a.st_mtime or now, now, older_than, own)):
-                            found.append(lo)
+                for rel, a in self._walk(folder, folder + "/" if folder else ""):
+                    if lo := temp_leftover(rel, a.st_mtime or now, now, older_than, own):
+                        found.append(lo)
         except SinkError:
             raise
         except Exception as e:
@@ -503,15 +493,7 @@ class SFTPSink(Sink):
         yield from found
 
     def remove_leftover(self, leftover: Leftover) -> None:
-        path = posixpath.join(self.destination.path, leftover.name)
-        try:
-            self._connect().remove(path)
-        except FileNotFoundError:
-            return
-        except SinkError:
-            raise
-        except Exception as e:
-            raise self._fail(e, f"removing {self.url(leftover.name)}") from None
+        self.remove(leftover.name)
 
     def read(self, name: str) -> bytes:
         path = self._remote(name)

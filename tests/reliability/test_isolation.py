@@ -26,6 +26,7 @@ from tests.reliability.helpers import (
     ExtraServer,
     batch_body,
     descendants,
+    extra_server,
     feed_props,
     post,
     read_local,
@@ -42,22 +43,19 @@ ENV = {"FILEFEED_SEAL_AFTER_SECONDS": "0.2", "FILEFEED_BATCH_WAIT_SECONDS": "2",
        "FILEFEED_BATCH_DEADLINE_SECONDS": str(DEADLINE), "FILEFEED_SINK_READ_TIMEOUT_SECONDS": "8",
        "FILEFEED_DESTINATION_CONCURRENCY": "4", "FILEFEED_DESTINATION_QUEUE": "16"}
 PENDING = 40
-FAST = 2.5  # seconds: what "at once" means for the routes another partner's trouble must not touch
+# seconds: what "at once" means for the routes another partner's trouble must not touch, on a machine other work
+# loads (3 x the same call's time measured just before, if that is more). On main these calls got no answer in 30 s;
+# a local feed sharing the S3 feed's lane would get RETRY, not 200.
+FAST = 5.0
 
 
 @pytest.fixture
 def s3_server(tmp_path_factory):
-    srv = ExtraServer("s3", tmp_path_factory.mktemp("isolation-s3"))
-    try:
-        srv.start()
-    except RuntimeError as e:
-        srv.stop()
-        pytest.fail(f"could not start our own S3 server: {e}")
-    try:
-        yield srv
-    finally:
-        _signal(srv, signal.SIGCONT)
-        srv.stop()
+    with extra_server("s3", tmp_path_factory.mktemp("isolation-s3")) as srv:
+        try:
+            yield srv
+        finally:
+            _signal(srv, signal.SIGCONT)  # never leave it frozen, whatever failed
 
 
 def _signal(srv: ExtraServer, sig: int) -> None:
@@ -108,7 +106,15 @@ def test_stuck_partner_delays_only_its_own_work(s3_server, group, tmp_path: Path
     a_items = stage_rows(ff, a_ids, per_request=150, segment="51")
     b_items = stage_rows(ff, b_ids, per_request=150, segment="52")
     l_items = stage_rows(ff, l_ids, per_request=100, segment="61", feed="43")
+    warm_items = stage_rows(ff, [f"w-{i}" for i in range(200)], per_request=100, segment="62", feed="43")
     wait_all_sealed(ff.staging)
+    # the same calls with every partner healthy: what "at once" means on this machine right now
+    t_batch, r = _timed_post(ff.url, "/v1/batch_update", batch_body(warm_items, segment="62", feed="43"), 30)
+    assert r is not None and r.status_code == 200, r and r.text[:300]
+    t_trouble, r = _timed_post(ff.url, "/v1/troubleshoot", {"feed_id": "42", "action": "FETCH_DESTINATION_AUDIENCE"},
+                               30)
+    assert r is not None and r.status_code == 200
+    fast_batch, fast_trouble = max(FAST, 3 * t_batch), max(FAST, 3 * t_trouble)
 
     _signal(s3_server, signal.SIGSTOP)
     took, r = _timed_post(ff.url, "/v1/batch_update", batch_body(a_items, segment="51"), DEADLINE + 20)
@@ -128,16 +134,17 @@ def test_stuck_partner_delays_only_its_own_work(s3_server, group, tmp_path: Path
 
     futures = [pool.submit(pending, k) for k in range(PENDING)]
     started.wait(30)
-    time.sleep(0.5)  # let them reach the server; what follows must not wait for them
+    time.sleep(3.0)  # let them reach the server and wait there; what follows must not wait for them
     try:
         took, r = _timed_post(ff.url, "/v1/batch_update", batch_body(l_items, segment="61", feed="43"), 30)
         assert r is not None and r.status_code == 200, f"local feed batch: {took:.1f} s, {r and r.text[:300]}"
         assert r.json()["sent_items_in_success"] == len(l_items), r.text[:300]
-        assert took < FAST, f"local feed's batch took {took:.1f} s behind a stuck S3 partner"
+        assert took < fast_batch, f"local feed's batch took {took:.1f} s behind a stuck S3 partner ({t_batch:.2f} s " \
+            "before)"
         took, r = _timed_post(ff.url, "/v1/troubleshoot", {"feed_id": "42", "action": "FETCH_DESTINATION_AUDIENCE"},
                               30)
         assert r is not None and r.status_code == 200 and r.json()["status"] == "ok", f"troubleshoot: {took:.1f} s"
-        assert took < FAST, f"troubleshoot took {took:.1f} s"
+        assert took < fast_trouble, f"troubleshoot took {took:.1f} s ({t_trouble:.2f} s before)"
         with httpx.Client(base_url=ff.url, timeout=30, trust_env=False) as c:
             for path in ("/v1/status", "/metrics"):
                 t0 = time.monotonic()

@@ -149,7 +149,7 @@ def _gateway_unavailable(route: str, message: str, delay_ms: int, creation: bool
 async def external_segment_creation(plugin: Plugin, body: dict) -> Response:
     (feed_id,) = require_str(body, "feed_id")
     ctx = await plugin.context(feed_id, force=True)  # the only route that bypasses the cache
-    result = await run_in_threadpool(lifecycle.check_destination, ctx, plugin.settings, True)
+    result = await lifecycle.check_destination_within(plugin.lanes, ctx, plugin.settings, True)
     if result["status"] == "ok":
         result.setdefault("visibility", "PUBLIC")
     return handler_response("external_segment_creation", result)
@@ -158,7 +158,7 @@ async def external_segment_creation(plugin: Plugin, body: dict) -> Response:
 async def external_segment_connection(plugin: Plugin, body: dict) -> Response:
     (feed_id,) = require_str(body, "feed_id")
     ctx = await plugin.context(feed_id)
-    result = await run_in_threadpool(lifecycle.check_destination, ctx, plugin.settings, False)
+    result = await lifecycle.check_destination_within(plugin.lanes, ctx, plugin.settings, False)
     result.pop("visibility", None)
     return handler_response("external_segment_connection", result)
 

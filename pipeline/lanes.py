@@ -84,6 +84,12 @@ class Lanes:
         if not fut.cancelled() and fut.exception() is not None:
             log.error("a destination job failed: %s: %s", type(fut.exception()).__name__, fut.exception())
 
+    async def run(self, key: str, seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on `key`'s lane, waited for at most `seconds` (TimeoutError; the job goes on), or LaneFull."""
+        fut = self.submit(key, fn, *args)
+        # shield: the deadline ends our wait, never the job
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), seconds)
+
     def jobs(self, key: str) -> int:
         with self._lock:
             lane = self._lanes.get(key)
@@ -108,15 +114,13 @@ async def deliver_within_deadline(lanes: Lanes, staging: Staging, ctx: FeedConte
     from pipeline.batch import deliver_batch
 
     assert ctx.props is not None
-    key = destination_key(ctx.props)
     try:
-        fut = lanes.submit(key, deliver_batch, staging, ctx, body, settings)
+        # the deadline ends our wait, never the job: its roll goes on and the retried batch finds it
+        return await lanes.run(destination_key(ctx.props), settings.batch_deadline_seconds, deliver_batch, staging,
+                               ctx, body, settings)
     except LaneFull:
         return retry_answer(f"destination {ctx.props.destination.scheme}:// is busy: "
                             f"{lanes.concurrency + lanes.queue} batches already wait for it", settings)
-    try:
-        # shield: the deadline ends our wait, never the job (its roll goes on and the retried batch finds it)
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), settings.batch_deadline_seconds)
     except TimeoutError:
         return retry_answer(f"the destination is slow: the roll goes on in the background (no answer within "
                             f"{settings.batch_deadline_seconds:g} s)", settings)

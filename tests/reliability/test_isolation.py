@@ -69,13 +69,13 @@ def _signal(srv: ExtraServer, sig: int) -> None:
 
 
 def _timed_post(url: str, path: str, body: dict, timeout: float) -> tuple[float, httpx.Response | None]:
-    t0 = time.monotonic()
-    try:
-        with httpx.Client(base_url=url, timeout=timeout, trust_env=False) as c:
+    with httpx.Client(base_url=url, timeout=timeout, trust_env=False) as c:  # built before the clock starts
+        t0 = time.monotonic()
+        try:
             r = post(c, path, body)
-    except httpx.TimeoutException:
-        return time.monotonic() - t0, None
-    return time.monotonic() - t0, r
+        except httpx.TimeoutException:
+            return time.monotonic() - t0, None
+        return time.monotonic() - t0, r
 
 
 def _assert_retry(took: float, r: httpx.Response | None, what: str) -> None:
@@ -145,6 +145,10 @@ def test_stuck_partner_delays_only_its_own_work(s3_server, group, tmp_path: Path
                               30)
         assert r is not None and r.status_code == 200 and r.json()["status"] == "ok", f"troubleshoot: {took:.1f} s"
         assert took < fast_trouble, f"troubleshoot took {took:.1f} s ({t_trouble:.2f} s before)"
+        # the frozen partner's own connection check: bounded too, an error in the route's shape
+        took, r = _timed_post(ff.url, "/v1/external_segment_connection", {"feed_id": "42"}, DEADLINE + 20)
+        assert r is not None and r.json()["status"] == "error", f"connection check: {took:.1f} s"
+        assert took < DEADLINE + 3 and "not reachable right now" in r.json()["message"], (took, r.text[:300])
         with httpx.Client(base_url=ff.url, timeout=30, trust_env=False) as c:
             for path in ("/v1/status", "/metrics"):
                 t0 = time.monotonic()

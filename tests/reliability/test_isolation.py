@@ -31,6 +31,7 @@ from tests.reliability.helpers import (
     post,
     read_local,
     read_s3,
+    record_summary,
     stage_rows,
     wait_all_sealed,
 )
@@ -116,11 +117,14 @@ def test_stuck_partner_delays_only_its_own_work(s3_server, group, tmp_path: Path
     assert r is not None and r.status_code == 200
     fast_batch, fast_trouble = max(FAST, 3 * t_batch), max(FAST, 3 * t_trouble)
 
+    figures: dict = {"deadline_seconds": DEADLINE, "pending_batches": PENDING}
     _signal(s3_server, signal.SIGSTOP)
     took, r = _timed_post(ff.url, "/v1/batch_update", batch_body(a_items, segment="51"), DEADLINE + 20)
     _assert_retry(took, r, "segment A, destination frozen")
+    figures["segment_a_retry_seconds"] = round(took, 2)
     took, r = _timed_post(ff.url, "/v1/batch_update", batch_body(b_items, segment="52"), DEADLINE + 20)
     _assert_retry(took, r, "segment B of the same feed, A's roll stuck")
+    figures["segment_b_retry_seconds"] = round(took, 2)
 
     # many more batches for the frozen partner, all in flight at once
     pending_answers: list[tuple[float, httpx.Response | None]] = []
@@ -139,12 +143,14 @@ def test_stuck_partner_delays_only_its_own_work(s3_server, group, tmp_path: Path
         took, r = _timed_post(ff.url, "/v1/batch_update", batch_body(l_items, segment="61", feed="43"), 30)
         assert r is not None and r.status_code == 200, f"local feed batch: {took:.1f} s, {r and r.text[:300]}"
         assert r.json()["sent_items_in_success"] == len(l_items), r.text[:300]
+        figures.update(local_batch_seconds=round(took, 2), local_batch_seconds_before=round(t_batch, 2))
         assert took < fast_batch, f"local feed's batch took {took:.1f} s behind a stuck S3 partner ({t_batch:.2f} s " \
             "before)"
         took, r = _timed_post(ff.url, "/v1/troubleshoot", {"feed_id": "42", "action": "FETCH_DESTINATION_AUDIENCE"},
                               30)
         assert r is not None and r.status_code == 200 and r.json()["status"] == "ok", f"troubleshoot: {took:.1f} s"
         assert took < fast_trouble, f"troubleshoot took {took:.1f} s ({t_trouble:.2f} s before)"
+        figures.update(troubleshoot_seconds=round(took, 3), troubleshoot_seconds_before=round(t_trouble, 3))
         # the frozen partner's own connection check: bounded too, an error in the route's shape
         took, r = _timed_post(ff.url, "/v1/external_segment_connection", {"feed_id": "42"}, DEADLINE + 20)
         assert r is not None and r.json()["status"] == "error", f"connection check: {took:.1f} s"
@@ -160,6 +166,7 @@ def test_stuck_partner_delays_only_its_own_work(s3_server, group, tmp_path: Path
     pending_answers.extend(answers)
     for k, (took, r) in enumerate(pending_answers):
         _assert_retry(took, r, f"pending batch {k}")
+    figures["pending_retry_seconds_max"] = round(max(t for t, _ in pending_answers), 2)
 
     _signal(s3_server, signal.SIGCONT)
     deadline = time.monotonic() + 120
@@ -179,3 +186,5 @@ def test_stuck_partner_delays_only_its_own_work(s3_server, group, tmp_path: Path
     assert got.partial == []
     local = read_local(local_root).check({("61", "UPSERT", x) for x in l_ids})
     assert local["lost"] == 0 and local["duplicated"] == 0, local
+    figures.update(s3_rows_checked=len(acked), s3_lost=0, s3_duplicated=0)
+    record_summary("isolation", figures)

@@ -73,6 +73,21 @@ class ServiceSettings(BaseSettings):
     batch_wait_seconds: float = Field(default=10.0, gt=0, description="how long batch_update waits for a lease")
     sftp_known_hosts: Path | None = None
 
+    # slow partners: every destination gets its own bounded lane, every sink call its own deadlines
+    batch_deadline_seconds: float = Field(default=20.0, gt=0, le=600,
+                                          description="batch_update answers RETRY after this; the roll goes on")
+    destination_concurrency: int = Field(default=4, ge=1, le=64, description="rolls at once per destination")
+    destination_queue: int = Field(default=32, ge=0, le=10_000, description="batches waiting per destination")
+    sink_connect_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    sink_read_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    leftover_age_seconds: float = Field(default=3600.0, ge=1,
+                                        description="filefeed's own temp uploads older than this are removed")
+
+    # slow clients
+    request_read_timeout_seconds: float = Field(default=10.0, gt=0, le=600,
+                                                description="a request's headers and body must arrive within this")
+    max_connections: int = Field(default=2048, ge=1, le=1_000_000, description="open connections per worker")
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, v: str) -> str:

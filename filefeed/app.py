@@ -14,13 +14,13 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from config.problems import ConfigFileError
 from config.settings import ServiceSettings, load_settings
-from filefeed import __version__, hotpath, lifecycle, logs, metrics, server
+from filefeed import __version__, guard, hotpath, lifecycle, logs, metrics, server
 from filefeed.context import ContextSource, FeedContext, GatewayError, NotFound, context_source
 from filefeed.protocol import (
     BadRequest,
@@ -33,7 +33,7 @@ from filefeed.protocol import (
     parse_json_body,
     require_str,
 )
-from pipeline import batch, scheduler, troubleshoot
+from pipeline import delivery, lanes, scheduler, troubleshoot
 from pipeline.identifiers import RequestError
 from pipeline.ingest import ingest_update
 from pipeline.staging import Staging
@@ -58,6 +58,8 @@ class Plugin:
             inline_commit=settings.commit_mode == "inline",
         )
         self.tasks: list[asyncio.Task] = []
+        delivery.configure(settings)
+        self.lanes = lanes.Lanes(settings.destination_concurrency, settings.destination_queue)
 
     async def context(self, feed_id: str, *, force: bool = False) -> FeedContext:
         return await self.source.feed_context(feed_id, force=force)
@@ -81,6 +83,8 @@ def feed_endpoint(route: str, handler: FeedHandler, *, creation: bool = False) -
             response = await handler(plugin, body)
         except MissingBody:
             response = missing_body_response()
+        except ClientDisconnect:  # the body never came whole (filefeed.guard closed the connection): nobody to answer
+            response = empty_response(408)
         except (BadRequest, RequestError) as e:
             response = _bad_request(route, str(e), creation)
         except (NotFound, ConfigFileError) as e:  # ConfigFileError: the embedded feeds file, broken since start
@@ -145,7 +149,7 @@ def _gateway_unavailable(route: str, message: str, delay_ms: int, creation: bool
 async def external_segment_creation(plugin: Plugin, body: dict) -> Response:
     (feed_id,) = require_str(body, "feed_id")
     ctx = await plugin.context(feed_id, force=True)  # the only route that bypasses the cache
-    result = await run_in_threadpool(lifecycle.check_destination, ctx, plugin.settings, True)
+    result = await lifecycle.check_destination_within(plugin.lanes, ctx, plugin.settings, True)
     if result["status"] == "ok":
         result.setdefault("visibility", "PUBLIC")
     return handler_response("external_segment_creation", result)
@@ -154,7 +158,7 @@ async def external_segment_creation(plugin: Plugin, body: dict) -> Response:
 async def external_segment_connection(plugin: Plugin, body: dict) -> Response:
     (feed_id,) = require_str(body, "feed_id")
     ctx = await plugin.context(feed_id)
-    result = await run_in_threadpool(lifecycle.check_destination, ctx, plugin.settings, False)
+    result = await lifecycle.check_destination_within(plugin.lanes, ctx, plugin.settings, False)
     result.pop("visibility", None)
     return handler_response("external_segment_connection", result)
 
@@ -180,7 +184,7 @@ async def batch_update(plugin: Plugin, body: dict) -> Response:
         return handler_response("batch_update", {"status": "ERROR", "message": f"feed {feed_id} has invalid "
                                                  f"properties: {ctx.error}", "sent_items_in_success": 0,
                                                  "sent_items_in_error": 0})
-    result = await run_in_threadpool(batch.deliver_batch, plugin.staging, ctx, body, plugin.settings)
+    result = await lanes.deliver_within_deadline(plugin.lanes, plugin.staging, ctx, body, plugin.settings)
     return handler_response("batch_update", result)
 
 
@@ -317,6 +321,7 @@ def routes() -> list[Route]:
 def create_app(settings: ServiceSettings | None = None, source: ContextSource | None = None) -> hotpath.HotRoutes:
     settings = settings or load_settings()
     logs.configure(settings.log_level, settings.staging_dir)
+    guard.configure(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -328,7 +333,8 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
         await run_in_threadpool(plugin.staging.recover)
         plugin.tasks = [
             asyncio.create_task(plugin.staging.run_sealer(), name="sealer"),
-            asyncio.create_task(scheduler.run_age_flushes(plugin.staging, plugin.source, settings), name="flusher"),
+            asyncio.create_task(scheduler.run_age_flushes(plugin.staging, plugin.source, settings,
+                                                                plugin.lanes), name="flusher"),
             asyncio.create_task(logs.follow_level(settings.staging_dir), name="log-level"),
             asyncio.create_task(metrics.run_flusher(), name="metrics-flush"),
         ]
@@ -341,6 +347,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
             for t in plugin.tasks:
                 t.cancel()
             await asyncio.gather(*plugin.tasks, return_exceptions=True)
+            plugin.lanes.shutdown()
             await plugin.staging.aclose()
             await plugin.source.aclose()
 

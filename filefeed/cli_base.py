@@ -63,6 +63,9 @@ def settings(*, write: bool = False) -> ServiceSettings:
         except ConfigFileError as e:
             raise OperatorError(f"filefeed: {e}") from None
     check_staging_dir(s.staging_dir, write=write)
+    from pipeline import delivery  # sink deadlines and leftover age, as in the server
+
+    delivery.configure(s)
     return s
 
 

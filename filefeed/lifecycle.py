@@ -8,6 +8,7 @@ from typing import Any
 from config.feed import COMPRESSIONS, FeedConfigError, FeedProperties, parse_feed_properties
 from config.settings import ServiceSettings
 from filefeed.context import FeedContext
+from pipeline.lanes import LaneFull, Lanes, destination_key
 from sinks import SinkError, TerminalError, open_sink
 
 
@@ -35,6 +36,24 @@ def check_destination(ctx: FeedContext, settings: ServiceSettings, creation: boo
         return {"status": "ok", "visibility": "PUBLIC", "message": f"Feed created; {'; '.join(ctx.warnings)}: "
                 "ignored (a property of another version of this plugin, or a typo)"}
     return {"status": "ok", "visibility": "PUBLIC"}
+
+
+async def check_destination_within(destination_lanes: Lanes, ctx: FeedContext, settings: ServiceSettings,
+                                   creation: bool) -> dict[str, Any]:
+    """check_destination on the destination's lane, answered within `batch_deadline_seconds`: a stuck partner takes
+    neither the routes' shared threads nor longer than that."""
+    if ctx.props is None:
+        return check_destination(ctx, settings, creation)
+    where = f"destination_uri {ctx.props.destination}"
+    try:
+        return await destination_lanes.run(destination_key(ctx.props), settings.batch_deadline_seconds,
+                                           check_destination, ctx, settings, creation)
+    except LaneFull:
+        return {"status": "error", "visibility": "PUBLIC",
+                "message": f"{where} is not reachable right now (busy): too many calls wait for it"}
+    except TimeoutError:
+        return {"status": "error", "visibility": "PUBLIC", "message": f"{where} is not reachable right now "
+                f"(timeout): no answer within {settings.batch_deadline_seconds:g} s"}
 
 
 def test_credentials(ctx: FeedContext | None, credentials: dict[str, Any] | None,

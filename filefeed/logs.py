@@ -22,7 +22,7 @@ from config.settings import LOG_LEVELS as LEVELS
 
 _current = "info"
 _EXTRA_KEYS = ("feed_id", "segment_id", "route", "outcome", "code", "ms", "partition", "roll_id", "status", "rows",
-               "files", "error_class", "kind", "worker")
+               "files", "severity", "kind", "worker")
 log = logging.getLogger("filefeed.logs")
 
 

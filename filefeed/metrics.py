@@ -42,7 +42,7 @@ PUBLISHED_ROWS = Counter("filefeed_published_rows", "Rows published", ["scheme"]
 PUBLISHED_BYTES = Counter("filefeed_published_bytes", "Bytes published (data files)", ["scheme"])
 PUBLISH_SECONDS = Histogram("filefeed_publish_seconds", "Roll and publish latency by sink scheme", ["scheme"],
                             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
-ERRORS = Counter("filefeed_errors", "Errors by class (transient, terminal) and kind", ["error_class", "kind"])
+ERRORS = Counter("filefeed_errors", "Errors by severity (transient, terminal) and kind", ["severity", "kind"])
 
 # identifier types come from the request (technical identifier types are open-ended): bound the label set
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9_:-]{1,64}")
@@ -177,8 +177,8 @@ def observe_roll(scheme: str, outcome: Any, seconds: float, nbytes: int) -> None
         _child(PUBLISHED_BYTES, scheme).inc(nbytes)
 
 
-def observe_error(error_class: str, kind: str) -> None:
-    _child(ERRORS, error_class, kind or "unknown").inc()
+def observe_error(severity: str, kind: str) -> None:
+    _child(ERRORS, severity, kind or "unknown").inc()
 
 
 class StagingCollector:

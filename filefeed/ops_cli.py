@@ -103,9 +103,7 @@ def _age(seconds: float | None) -> str:
 
 def _label(error: dict[str, Any]) -> str:
     """One label per error, whichever record it comes from: `terminal not_found`, `transient network`."""
-    cls = str(error.get("error_class") or "")
-    severity = {"TerminalError": "terminal", "TransientError": "transient"}.get(cls, cls or "error")
-    return f"{severity} {error.get('kind') or 'unknown'}"
+    return f"{error.get('severity') or 'error'} {error.get('kind') or 'unknown'}"
 
 
 def error_line(where: str, error: dict[str, Any], fix: str) -> str:
@@ -386,7 +384,7 @@ def print_outcomes(results: dict[str, dict[str, Any]], skipped: dict[str, str]) 
             for f in r["files"]:
                 out.print(f"  published {escape(f)}")
         else:
-            line = error_line(where, {"error_class": r["status"], "kind": r["error_kind"],
+            line = error_line(where, {"severity": r["status"], "kind": r["error_kind"],
                                       "message": r["error"] or r["status"]}, _fix(r["status"], feed_id))
             out.print(f"[red]{escape(line)}[/red]")
     for f, why in skipped.items():
@@ -473,7 +471,7 @@ def retry(feed: str | None = typer.Option(None, help="only this feed"),
                 o = retry_failed(settings.staging_dir, p, sink, wait_seconds=30, props=props[p.feed_id],
                                  pdir=snapshots.get(p))
         except SinkError as e:
-            o = RollOutcome(status="transient" if e.transient else "terminal", error=str(e), error_kind=e.kind)
+            o = RollOutcome(status=e.severity, error=str(e), error_kind=e.kind)
         metrics.observe_roll(props[p.feed_id].destination.scheme, o, time.perf_counter() - started, 0)
         if o.status == "published" and not failed_rolls(settings.staging_dir, p):
             clear_error(settings.staging_dir, p)

@@ -25,8 +25,9 @@ from uvicorn.supervisors import multiprocess
 # threshold only lets rare cyclic garbage wait a little longer.
 GC_GEN0_THRESHOLD = 10_000
 
-# uvicorn's httptools protocol writing each answer in one send (filefeed/hotpath.py)
-HTTP_PROTOCOL = "filefeed.hotpath:OneWriteHttpToolsProtocol"
+# uvicorn's httptools protocol writing each answer in one send (filefeed/hotpath.py), with a read deadline per request
+# and a connection cap (filefeed/guard.py, a subclass of it)
+HTTP_PROTOCOL = "filefeed.guard:GuardedHttpToolsProtocol"
 
 
 def settle_gc() -> None:

@@ -45,6 +45,9 @@ def problem_line(pr: dict[str, Any]) -> str:
     if pr["problem"] == "extra":
         return (f"{head}: {pr['found']:,} bytes that no ledger entry lists (a duplicate publish or a lost ledger "
                 "entry: look at it; --allow-extra if another writer shares the destination)")
+    if pr["problem"] == "leftover":
+        return (f"{head}: an unfinished upload {pr['age_seconds']:,} s old (a crash mid-publish); the next roll to "
+                "this destination removes it")
     if pr["problem"] == "destination unreachable":
         return f"{head}: {pr.get('detail')} ({pr.get('kind')})"
     if pr.get("detail"):
@@ -90,12 +93,12 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Compare the ledger and manifests with the destination.
 
-    Problems: missing (a file the ledger lists is not at the destination), size mismatch, checksum mismatch, manifest disagreement, extra (an object named like this feed's files, by its file_name_template and segments or as a batch manifest, that no ledger entry lists and no roll in progress or in failed/ holds), unreachable destination, feed without configuration.
+    Problems: missing (a file the ledger lists is not at the destination), size mismatch, checksum mismatch, manifest disagreement, extra (an object named like this feed's files, by its file_name_template and segments or as a batch manifest, that no ledger entry lists and no roll in progress or in failed/ holds), leftover (a temp file or incomplete multipart upload of the feed's naming older than FILEFEED_LEFTOVER_AGE_SECONDS: a crash mid-upload; the next roll to the destination removes it), unreachable destination, feed without configuration.
 
     Exit code 0: no problem. Exit code 1: any problem, extra objects included, because under the feed's own naming an unlisted object is a duplicate publish or a lost (or pruned) ledger entry that an operator must look at. With --allow-extra, extras are reported but do not fail (a destination shared with another feed with the same template and segments, or ledger entries pruned on purpose).
     """
     from filefeed.remote import sha256_of
-    from pipeline.delivery import POOL
+    from pipeline.delivery import POOL, find_leftovers
     from pipeline.ledger import Ledger
     from pipeline.naming import name_pattern
     from pipeline.snapshot import delivery_dirs
@@ -167,6 +170,10 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
                 for name, size in sorted(candidates.items()):
                     if name not in known and name not in in_flight:
                         found.append({"feed_id": feed_id, "name": name, "problem": "extra", "found": size})
+                # leftovers: temp files and incomplete uploads of the feed's naming that a crash left behind
+                for lo in find_leftovers(sink, root, feed_id, fprops, settings.leftover_age_seconds):
+                    found.append({"feed_id": feed_id, "name": lo.name, "problem": "leftover",
+                                  "age_seconds": round(lo.age_seconds)})
         except SinkError as e:
             found.append({"feed_id": feed_id, "problem": "destination unreachable", "detail": str(e),
                           "kind": e.kind})

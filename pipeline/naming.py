@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from config.feed import TEMPLATE_MACROS
 from pipeline.model import OPERATIONS, Partition
+from sinks.base import name_problem
 
 MAX_NAME_LENGTH = 1024
 # Values that come from row data (datamart_id) are reduced to this alphabet so they cannot add path segments.
@@ -98,22 +99,14 @@ def _render(template: str, values: dict[str, str]) -> str:
 
 def check_name(name: str) -> str:
     """Refuse names that could escape the destination prefix, hide as temp files, or break a filesystem."""
-    if not name:
-        raise UnsafeNameError("rendered file name is empty")
-    if "\x00" in name or "\\" in name:
-        raise UnsafeNameError("rendered file name contains NUL or a backslash")
-    if name.startswith("/"):
-        raise UnsafeNameError("rendered file name starts with '/'")
+    problem = name_problem(name)
+    if problem:
+        raise UnsafeNameError(f"rendered file name {problem}")
     if len(name) > MAX_NAME_LENGTH:
         raise UnsafeNameError(f"rendered file name is longer than {MAX_NAME_LENGTH} characters")
-    for segment in name.split("/"):
-        if segment in ("", ".", ".."):
-            raise UnsafeNameError("rendered file name has an empty, '.' or '..' path segment")
-        if segment.startswith("."):
-            # Sinks publish through dot-prefixed temp names; a final name must never look like one.
-            raise UnsafeNameError("rendered file name has a path segment starting with '.'")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
-        raise UnsafeNameError("rendered file name contains control characters")
+    if any(segment.startswith(".") for segment in name.split("/")):
+        # Sinks publish through dot-prefixed temp names; a final name must never look like one.
+        raise UnsafeNameError("rendered file name has a path segment starting with '.'")
     return name
 
 

@@ -61,6 +61,7 @@ from pipeline.model import STAGED_FIELDS, Partition
 from pipeline.naming import NameContext, UnsafeNameError, manifest_name, render_name
 from pipeline.pgp import PgpError
 from sinks.base import Sink, SinkError, TerminalError
+from sinks.errors import Classified, Terminal, Transient
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +116,24 @@ class RollOutcome:
     error_kind: str | None = None
 
 
-class RollError(Exception):
-    """A roll failure, already classified."""
+class RollError(Classified):
+    """A roll failure, already classified (sinks/errors.py); `exception` names the class it was classified from."""
 
-    def __init__(self, message: str, *, transient: bool, kind: str, error_class: str):
-        super().__init__(message)
-        self.transient = transient
-        self.kind = kind
-        self.error_class = error_class
+    def __init__(self, message: str, *, kind: str, exception: str):
+        super().__init__(message, kind=kind)
+        self.exception = exception
+
+
+class TransientRollError(Transient, RollError):
+    pass
+
+
+class TerminalRollError(Terminal, RollError):
+    pass
+
+
+def roll_error(message: str, *, transient: bool, kind: str, exception: str) -> RollError:
+    return (TransientRollError if transient else TerminalRollError)(message, kind=kind, exception=exception)
 
 
 class LeaseLost(Exception):
@@ -404,11 +415,10 @@ def _plan_roll(
         roll_id = make_roll_id(partition, segments, planned_at)
     rolling = pdir / ROLLING
     if (rolling / roll_id).exists() or (pdir / FAILED / roll_id).exists() or Ledger(pdir).has(roll_id):
-        raise RollError(
+        raise TerminalRollError(
             f"roll id {roll_id} already exists: segment names were reused",
-            transient=False,
             kind="state",
-            error_class="RollIdCollision",
+            exception="RollIdCollision",
         )
     plan = _Plan(
         roll_id=roll_id,
@@ -450,11 +460,10 @@ def _finish_moves(pdir: Path, rdir: Path, plan: _Plan) -> None:
         try:
             os.rename(sealed / name, target / name)
         except FileNotFoundError:
-            raise RollError(
+            raise TerminalRollError(
                 f"planned segment {name} is neither in sealed/ nor in the roll",
-                transient=False,
                 kind="missing_segment",
-                error_class="MissingSegment",
+                exception="MissingSegment",
             ) from None
         moved_any = True
         crash_point(f"move:{index}")
@@ -701,28 +710,29 @@ def _classify(error: BaseException, attempts: int) -> RollError:
     message = str(error)[:MAX_ERROR_MESSAGE]
     name = type(error).__name__
     if isinstance(error, LeaseLost):
-        return RollError(message, transient=True, kind="lease_lost", error_class=name)
+        return roll_error(message, transient=True, kind="lease_lost", exception=name)
     if isinstance(error, SinkError):
-        return RollError(message, transient=error.transient, kind=error.kind, error_class=name)
+        return roll_error(message, transient=error.transient, kind=error.kind, exception=name)
     if isinstance(error, UnsafeNameError):
-        return RollError(message, transient=False, kind="config", error_class=name)
+        return roll_error(message, transient=False, kind="config", exception=name)
     if isinstance(error, PgpError):
-        return RollError(message, transient=error.transient, kind="encryption", error_class=name)
+        return roll_error(message, transient=error.transient, kind="encryption", exception=name)
     if _is_corrupt_segment(error):
         # A checksum mismatch does not heal by retrying: keep the roll in failed/ for `filefeed inspect`/repair.
-        return RollError(message, transient=False, kind="corrupt_segment", error_class=name)
+        return roll_error(message, transient=False, kind="corrupt_segment", exception=name)
     if isinstance(error, OSError):
         # Local disk trouble (full, I/O): the data is intact in the roll folder, a later run can succeed.
-        return RollError(f"{name}: {error.strerror or message}", transient=True, kind="local_io", error_class=name)
+        return roll_error(f"{name}: {error.strerror or message}", transient=True, kind="local_io", exception=name)
     transient = attempts < MAX_UNKNOWN_ATTEMPTS
-    return RollError(f"{name}: {message}", transient=transient, kind="unknown", error_class=name)
+    return roll_error(f"{name}: {message}", transient=transient, kind="unknown", exception=name)
 
 
 def _fail(pdir: Path, rdir: Path, error: RollError, attempts: int) -> None:
     reason = {
         "roll_id": rdir.name,
-        "error_class": error.error_class,
+        "severity": error.severity,
         "kind": error.kind,
+        "exception": error.exception,
         "message": str(error)[:MAX_ERROR_MESSAGE],
         "failed_at": datetime.now(UTC).isoformat(),
         "attempts": attempts,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline import delivery, schedule, snapshot
+from pipeline.lanes import Lanes, submit_roll
 from pipeline.ledger import partition_dir
 from pipeline.model import OPERATIONS, Partition
 from pipeline.rollover import (
@@ -165,9 +166,16 @@ async def _props_by_feed(source: ContextSource, feed_ids: Iterable[str]) -> tupl
     return props, problems
 
 
-async def run_age_flushes(staging: Staging, source: ContextSource, settings: ServiceSettings) -> None:
-    """Every `flush_check_seconds`, roll the partitions whose oldest row passed the feed's max_buffer_age_seconds."""
+async def run_age_flushes(staging: Staging, source: ContextSource, settings: ServiceSettings,
+                          destination_lanes: Lanes | None = None) -> None:
+    """Every `flush_check_seconds`, roll the partitions whose oldest row passed the feed's max_buffer_age_seconds.
+
+    Each roll runs on its destination's lane and is not waited for: a stuck partner delays neither the next round
+    nor another feed's rolls; a partition whose roll is still in flight is left alone.
+    """
     loop = asyncio.get_running_loop()
+    destination_lanes = destination_lanes or Lanes(settings.destination_concurrency, settings.destination_queue)
+    in_flight: set[Partition] = set()
     while True:
         await asyncio.sleep(settings.flush_check_seconds)
         try:
@@ -183,15 +191,17 @@ async def run_age_flushes(staging: Staging, source: ContextSource, settings: Ser
             slots = await loop.run_in_executor(None, due_slots, staging.root, props)
             if due or slots:
                 await staging.seal_all_async()  # a roll takes sealed segments; other writers seal theirs by age
-            for partition, slot in slots:
-                await loop.run_in_executor(None, functools.partial(
-                    delivery.roll, staging.root, partition, props[partition.feed_id], slot=slot))
+            for partition, slot in slots:  # on the destination's lane too: a stuck partner holds only its own
+                feed_props = props[partition.feed_id]
+                submit_roll(destination_lanes, in_flight, partition, feed_props,
+                            functools.partial(delivery.roll, slot=slot), staging.root, partition, feed_props)
             for partition in due:
                 feed_props = props.get(partition.feed_id)
                 if feed_props is None:
                     continue
                 # wait_seconds=0: a partition another worker is rolling is simply skipped this round
-                await loop.run_in_executor(None, delivery.roll, staging.root, partition, feed_props)
+                submit_roll(destination_lanes, in_flight, partition, feed_props, delivery.roll, staging.root,
+                            partition, feed_props)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -18,6 +18,7 @@ from pipeline.ledger import Ledger, partition_dir, read_json
 from pipeline.model import Partition
 from pipeline.rollover import failed_rolls, iter_partitions, pending_rolls
 from pipeline.snapshot import delivery_dirs
+from sinks.errors import error_fields
 
 if TYPE_CHECKING:
     from filefeed.context import FeedContext
@@ -37,6 +38,15 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _last_error(pdir: Path) -> dict[str, Any] | None:
+    record = _read(pdir / LAST_ERROR)
+    if record is None:
+        return None
+    fields = error_fields(record)
+    return {"severity": fields["severity"], "kind": fields["kind"], "message": record.get("message"),
+            "time": record.get("time")}
+
+
 def partition_report(staging: Staging, partition: Partition, *, deliveries: int = 5) -> dict[str, Any]:
     """One partition: staged rows and bytes, oldest row, pending and failed rolls, deliveries, last error."""
     st = staging.stats(partition)
@@ -49,7 +59,7 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
     for roll_id in failed_rolls(staging.root, partition):
         reason = _read(pdir / "failed" / roll_id / "reason.json") or {}
         encoded = _read(pdir / "failed" / roll_id / "encoded.json") or {}
-        failed.append({"roll_id": roll_id, "error_class": reason.get("error_class"), "kind": reason.get("kind"),
+        failed.append({"roll_id": roll_id, **error_fields(reason),
                        "message": reason.get("message"), "failed_at": reason.get("failed_at"),
                        "attempts": reason.get("attempts"), "rows": encoded.get("rows")})
     last = entries[-1] if entries else None
@@ -69,7 +79,7 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
         "delivered_bytes": sum(e.bytes for e in entries),
         "last_delivery": None if last is None else _delivery(last),
         "recent_deliveries": [_delivery(e) for e in reversed(entries[-deliveries:])] if deliveries > 0 else [],
-        "last_error": _read(pdir / LAST_ERROR),
+        "last_error": _last_error(pdir),
     }
 
 
@@ -146,10 +156,10 @@ def destination_audience(staging: Staging, ctx: FeedContext, segment_id: Any = N
         deliveries.extend({**where, **d} for d in r["recent_deliveries"])
         if r["last_error"]:
             e = r["last_error"]
-            errors.append({**where, "error_class": e.get("error_class"), "kind": e.get("kind"),
+            errors.append({**where, "severity": e.get("severity"), "kind": e.get("kind"),
                            "message": e.get("message"), "time": e.get("time")})
         for f in r["failed_rolls"]:
-            errors.append({**where, "error_class": f.get("error_class"), "kind": f.get("kind"),
+            errors.append({**where, "severity": f.get("severity"), "kind": f.get("kind"),
                            "message": f.get("message"), "time": f.get("failed_at"), "failed_roll": f["roll_id"]})
     deliveries.sort(key=lambda d: d["published_at"], reverse=True)
     errors.sort(key=lambda e: e.get("time") or "", reverse=True)

@@ -4,8 +4,8 @@
   `gcs_service_account_json` (service_account.Credentials.from_service_account_info) or Application Default
   Credentials. A service-account JSON that cannot be parsed is refused (kind "auth") even with an emulator endpoint.
 - Small files (<= 8 MiB, the library's multipart limit) go in one request; larger ones in a resumable upload with
-  32 MiB chunks (8 MiB chunks halve throughput). Both carry `ifGenerationMatch=0`: create-only, and a 412 leads to
-  comparing the existing object (same size and MD5 -> `already_present`, else TerminalError kind "conflict").
+  100 MiB chunks (`chunk_size`). Both carry `ifGenerationMatch=0`: create-only, and a 412 leads to comparing the
+  existing object (same size and MD5 -> `already_present`, else TerminalError kind "conflict").
 - Nothing half-visible: an object exists only once its upload completes; an abandoned resumable session holds no
   object (GCS expires it after a week).
 - fake-gcs-server (1.54) enforces `ifGenerationMatch=0` on single-request uploads but NOT on resumable ones. The
@@ -36,13 +36,11 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 
 from sinks import register
 from sinks.base import (
-    PublishResult,
     RemoteObject,
     Sink,
     SinkError,
     TerminalError,
     TransientError,
-    check_name,
     classify_os_error,
     same_bytes,
 )
@@ -109,11 +107,14 @@ class GCSSink(Sink):
     # round trip and a commit per request; 32 MiB chunks ran at 0.43 of `upload_from_filename` here, 100 MiB at par.
     # Costs up to 100 MiB of memory during an upload.
     chunk_size: int = 100 * MiB
-    timeout: float | tuple[float, float] = (10.0, 120.0)  # (connect, read) per HTTP request
     retry_deadline: float = 30.0  # library-level retries per request; 0 disables (publish retries are the caller's)
 
     _client: Any = None
     _bucket: Any = None
+
+    def __init__(self, props: Any):
+        super().__init__(props)
+        self.timeout: float | tuple[float, float] = (self.connect_timeout, self.read_timeout)  # per HTTP request
 
     @property
     def client(self) -> Any:
@@ -154,11 +155,6 @@ class GCSSink(Sink):
             self._bucket = self.client.bucket(self.destination.host)
         return self._bucket
 
-    def _key(self, name: str) -> str:
-        check_name(name)
-        prefix = self.destination.path.strip("/")
-        return f"{prefix}/{name}" if prefix else name
-
     def _retry(self) -> Retry | None:
         return DEFAULT_RETRY.with_timeout(self.retry_deadline) if self.retry_deadline > 0 else None
 
@@ -170,18 +166,18 @@ class GCSSink(Sink):
                 pass
         self._client = self._bucket = None
 
-    # -- publish -----------------------------------------------------------------------------------------------
-    def publish(self, local_path: Path, name: str) -> PublishResult:
-        key = self._key(name)
-        url = self.url(name)
-        try:
-            size = local_path.stat().st_size
-        except OSError as e:
-            raise classify_os_error(e, f"reading {local_path}") from None
-        existing = self._get(key, url)
-        if existing is not None:
-            return self._compare_existing(local_path, name, size, existing)
-        blob = self.bucket.blob(key, chunk_size=self.chunk_size if size > SIMPLE_UPLOAD_MAX else None)
+    # -- publish: the hooks of Sink.publish ----------------------------------------------------------------------
+    def _lookup(self, name: str) -> Any:
+        return self._get(self.key(name), self.url(name))
+
+    def _size_of(self, found: Any) -> int:
+        return -1 if found.size is None else int(found.size)
+
+    def _classify(self, e: BaseException, what: str) -> SinkError:
+        return classify(e, what)
+
+    def _create(self, local_path: Path, name: str, size: int) -> bool:
+        blob = self.bucket.blob(self.key(name), chunk_size=self.chunk_size if size > SIMPLE_UPLOAD_MAX else None)
         try:
             with self.open_source(local_path) as src:
                 blob.upload_from_file(
@@ -189,13 +185,11 @@ class GCSSink(Sink):
                     content_type="application/octet-stream",
                 )
         except Exception as e:
-            err = classify(e, f"publishing {url}")
+            err = classify(e, f"publishing {self.url(name)}")
             if err.kind == "conflict":  # 412: created meanwhile
-                existing = self._get(key, url)
-                if existing is not None:
-                    return self._compare_existing(local_path, name, size, existing)
+                return False
             raise err from None
-        return PublishResult(name, size, url)
+        return True
 
     def _get(self, key: str, url: str) -> Any:
         try:
@@ -203,13 +197,8 @@ class GCSSink(Sink):
         except Exception as e:
             raise classify(e, f"checking {url}") from None
 
-    def _compare_existing(self, local_path: Path, name: str, size: int, blob: Any) -> PublishResult:
+    def _same_content(self, local_path: Path, name: str, blob: Any) -> bool:
         url = self.url(name)
-        if blob.size is not None and int(blob.size) == size and self._same_content(local_path, blob, url):
-            return PublishResult(name, size, url, already_present=True)
-        raise TerminalError(f"{url}: name exists with different content", kind="conflict")
-
-    def _same_content(self, local_path: Path, blob: Any, url: str) -> bool:
         if blob.md5_hash:  # absent on composite objects
             md5 = hashlib.md5(usedforsecurity=False)
             with open(local_path, "rb") as f:
@@ -224,7 +213,7 @@ class GCSSink(Sink):
 
     # -- the rest of the contract ------------------------------------------------------------------------------
     def check(self) -> None:
-        probe = self.bucket.blob(self._key(f".filefeed-probe-{uuid.uuid4().hex}"))
+        probe = self.bucket.blob(self.key(f".filefeed-probe-{uuid.uuid4().hex}"))
         try:
             probe.upload_from_string(b"filefeed probe\n", if_generation_match=0, timeout=self.timeout,
                                      retry=self._retry())
@@ -233,7 +222,7 @@ class GCSSink(Sink):
             raise classify(e, f"checking {self.destination.uri}") from None
 
     def stat(self, name: str) -> RemoteObject | None:
-        blob = self._get(self._key(name), self.url(name))
+        blob = self._get(self.key(name), self.url(name))
         return None if blob is None else RemoteObject(name, int(blob.size))
 
     def list(self, prefix: str = "") -> Iterator[RemoteObject]:
@@ -248,13 +237,13 @@ class GCSSink(Sink):
 
     def read(self, name: str) -> bytes:
         try:
-            return self.bucket.blob(self._key(name)).download_as_bytes(timeout=self.timeout, retry=self._retry())
+            return self.bucket.blob(self.key(name)).download_as_bytes(timeout=self.timeout, retry=self._retry())
         except Exception as e:
             raise classify(e, f"reading {self.url(name)}") from None
 
     def remove(self, name: str) -> None:
         try:
-            self.bucket.blob(self._key(name)).delete(timeout=self.timeout, retry=self._retry())
+            self.bucket.blob(self.key(name)).delete(timeout=self.timeout, retry=self._retry())
         except gexc.NotFound:
             return
         except Exception as e:

@@ -16,21 +16,24 @@ import filecmp
 import io
 import os
 import shutil
+import stat as stat_mod
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from sinks import register
 from sinks.base import (
-    PublishResult,
+    Leftover,
     RemoteObject,
     Sink,
-    SinkError,
     TerminalError,
     TransientError,
     check_name,
     classify_os_error,
+    temp_leftover,
+    temp_name,
 )
 
 COPY_BUFFER = 1 << 20
@@ -63,6 +66,7 @@ def _copy(src: BinaryIO, dst: BinaryIO) -> None:
 @register
 class LocalSink(Sink):
     scheme = "file"
+    shareable = True
     # Publish by hard link when source and destination share a filesystem; tests of the copy path turn it off.
     link_sources = True
 
@@ -98,11 +102,6 @@ class LocalSink(Sink):
                 continue
             _fsync_dir(d.parent)
 
-    def _existing(self, local_path: Path, final: Path, name: str, size: int) -> PublishResult:
-        if final.stat().st_size == size and filecmp.cmp(local_path, final, shallow=False):
-            return PublishResult(name, size, self.url(name), already_present=True)
-        raise TerminalError(f"{self.url(name)} exists with different content", kind="conflict")
-
     # -- Sink --------------------------------------------------------------------------------------------------
     def check(self) -> None:
         probe = self.root / f".filefeed-probe-{uuid.uuid4().hex}"
@@ -131,24 +130,34 @@ class LocalSink(Sink):
             raise
         return True
 
-    def publish(self, local_path: Path, name: str) -> PublishResult:
+    # -- publish: the hooks of Sink.publish ----------------------------------------------------------------------
+    def _lookup(self, name: str) -> os.stat_result | None:
         final = self._path(name)
-        tmp: Path | None = None
+        self._makedirs(final.parent)
+        self._inside_root(final.parent)  # before reading anything there
         try:
-            size = os.stat(local_path).st_size
-            self._makedirs(final.parent)
-            self._inside_root(final.parent)
-            if final.exists():
-                return self._existing(local_path, final, name, size)
-            if self.link_sources:
-                try:
-                    linked = self._link_source(local_path, final)
-                except FileExistsError:
-                    return self._existing(local_path, final, name, size)  # lost a race with another publisher
-                if linked:
-                    _fsync_dir(final.parent)
-                    return PublishResult(name, size, self.url(name))
-            tmp = final.parent / f".{final.name}.filefeed-tmp-{uuid.uuid4().hex[:12]}"
+            return final.stat()
+        except FileNotFoundError:
+            return None
+
+    def _size_of(self, found: os.stat_result) -> int:
+        return found.st_size if stat_mod.S_ISREG(found.st_mode) else -1
+
+    def _same_content(self, local_path: Path, name: str, found: os.stat_result) -> bool:
+        return filecmp.cmp(local_path, self._path(name), shallow=False)
+
+    def _create(self, local_path: Path, name: str, size: int) -> bool:
+        final = self._path(name)
+        if self.link_sources:
+            try:
+                linked = self._link_source(local_path, final)
+            except FileExistsError:
+                return False  # lost a race with another publisher
+            if linked:
+                _fsync_dir(final.parent)
+                return True
+        tmp: Path | None = final.parent / temp_name(final.name)
+        try:
             with self.open_source(local_path) as src, open(tmp, "xb") as dst:
                 _copy(src, dst)
                 dst.flush()
@@ -160,28 +169,48 @@ class LocalSink(Sink):
             try:
                 os.link(tmp, final)
             except FileExistsError:
-                return self._existing(local_path, final, name, size)  # lost a race with an identical publish
+                return False  # lost a race with another publisher
             except OSError as e:
                 if e.errno not in _NO_LINK:
                     raise
                 if final.exists():
-                    return self._existing(local_path, final, name, size)
+                    return False
                 os.replace(tmp, final)
                 tmp = None
             _fsync_dir(final.parent)
-            return PublishResult(name, size, self.url(name))
-        except SinkError:
-            raise
-        except OSError as e:
-            raise classify_os_error(e, f"publishing {self.url(name)}") from None
+            return True
         finally:
             if tmp is not None:
                 try:
                     tmp.unlink()
-                except FileNotFoundError:
-                    pass
                 except OSError:
                     pass  # best effort: a dot-prefixed leftover is never mistaken for a published file
+
+    # -- leftovers ---------------------------------------------------------------------------------------------
+    def leftovers(self, prefixes: Iterable[str], older_than: float,
+                  own: Callable[[str], bool]) -> Iterator[Leftover]:
+        """Our dot-prefixed temp copies (a process killed mid-copy leaves one) in the folders under `prefixes`."""
+        now = time.time()
+        for prefix in prefixes:
+            folder = prefix.rpartition("/")[0]
+            if folder:
+                check_name(folder)
+            start = self.root / folder if folder else self.root
+            try:
+                for dirpath, _dirs, filenames in os.walk(start):
+                    for fn in filenames:
+                        if fn.startswith("."):
+                            full = Path(dirpath) / fn
+                            rel = full.relative_to(self.root).as_posix()
+                            if lo := temp_leftover(rel, full.lstat().st_mtime, now, older_than, own):
+                                yield lo
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise classify_os_error(e, f"listing {self.destination.uri}") from None
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        self.remove(leftover.name)
 
     def stat(self, name: str) -> RemoteObject | None:
         path = self._path(name)

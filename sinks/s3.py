@@ -20,8 +20,9 @@ import hashlib
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,12 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from sinks import register
 from sinks.base import (
-    PublishResult,
+    Leftover,
     RemoteObject,
     Sink,
     SinkError,
     TerminalError,
     TransientError,
-    check_name,
     classify_os_error,
     same_bytes,
 )
@@ -129,11 +129,10 @@ def _is_precondition_failure(e: BaseException) -> bool:
 @register
 class S3Sink(Sink):
     scheme = "s3"
+    shareable = True  # a boto3 client is thread-safe; building one takes 0.1-0.8 s of CPU
 
     # Tunables, overridable per instance before first use (tests shorten the timeouts).
     transfer_config = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB, max_concurrency=6)
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
     max_attempts: int = 3  # botocore "standard" retries per request; publish-level retries belong to the caller
     abort_attempts: int = 8
     abort_seconds: float = 30.0
@@ -145,13 +144,20 @@ class S3Sink(Sink):
     def bucket(self) -> str:
         return self.destination.host
 
-    def _key(self, name: str) -> str:
-        check_name(name)
-        prefix = self.destination.path.strip("/")
-        return f"{prefix}/{name}" if prefix else name
+    _client_lock = threading.Lock()  # one client built at a time (class-wide: building is CPU, not waiting)
 
     @property
     def client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        if not self._client_lock.acquire(timeout=60):
+            raise TransientError(f"creating the S3 client for {self.destination.uri}: timed out", kind="busy")
+        try:
+            return self._build_client()
+        finally:
+            self._client_lock.release()
+
+    def _build_client(self) -> Any:
         if self._client is None:
             p = self.props
             endpoint = p.s3_endpoint_url
@@ -161,7 +167,8 @@ class S3Sink(Sink):
                 retries={"mode": "standard", "max_attempts": self.max_attempts},
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,
-                max_pool_connections=self.transfer_config.max_request_concurrency + 4,
+                # several rolls share one client (SinkPool), each sending up to max_concurrency parts at once
+                max_pool_connections=4 * self.transfer_config.max_request_concurrency + 4,
             )
             kwargs: dict[str, Any] = {
                 "endpoint_url": endpoint,
@@ -192,31 +199,28 @@ class S3Sink(Sink):
             self._client.close()
             self._client = None
 
-    # -- publish -----------------------------------------------------------------------------------------------
-    def publish(self, local_path: Path, name: str) -> PublishResult:
-        key = self._key(name)
-        url = self.url(name)
-        try:
-            size = local_path.stat().st_size
-        except OSError as e:
-            raise classify_os_error(e, f"reading {local_path}") from None
-        existing = self._head(key, url)
-        if existing is not None:
-            return self._compare_existing(local_path, name, key, size, existing)
+    # -- publish: the hooks of Sink.publish ----------------------------------------------------------------------
+    def _lookup(self, name: str) -> dict | None:
+        return self._head(self.key(name), self.url(name))
+
+    def _size_of(self, found: dict) -> int:
+        return int(found.get("ContentLength", -1))
+
+    def _classify(self, e: BaseException, what: str) -> SinkError:
+        return classify(e, what)
+
+    def _create(self, local_path: Path, name: str, size: int) -> bool:
+        key = self.key(name)
         try:
             if size < self.transfer_config.multipart_threshold:
                 self._put(local_path, key, size)
             else:
-                self._multipart(local_path, key, size, url)
-        except SinkError:
-            raise
+                self._multipart(local_path, key, size, self.url(name))
         except Exception as e:
             if _is_precondition_failure(e):  # created meanwhile by someone else
-                head = self._head(key, url)
-                if head is not None:
-                    return self._compare_existing(local_path, name, key, size, head)
-            raise classify(e, f"publishing {url}") from None
-        return PublishResult(name, size, url)
+                return False
+            raise
+        return True
 
     def _put(self, local_path: Path, key: str, size: int) -> None:
         with self.open_source(local_path) as body:
@@ -324,13 +328,8 @@ class S3Sink(Sink):
         except Exception as e:
             raise classify(e, f"checking {url}") from None
 
-    def _compare_existing(self, local_path: Path, name: str, key: str, size: int, head: dict) -> PublishResult:
-        url = self.url(name)
-        if int(head.get("ContentLength", -1)) == size and self._same_content(local_path, key, head):
-            return PublishResult(name, size, url, already_present=True)
-        raise TerminalError(f"{url}: name exists with different content", kind="conflict")
-
-    def _same_content(self, local_path: Path, key: str, head: dict) -> bool:
+    def _same_content(self, local_path: Path, name: str, head: dict) -> bool:
+        key = self.key(name)
         etag = str(head.get("ETag", "")).strip('"')
         # a single-part, non-KMS ETag is the MD5 of the bytes: no need to download
         if etag and "-" not in etag and head.get("ServerSideEncryption") != "aws:kms" and len(etag) == 32:
@@ -347,7 +346,7 @@ class S3Sink(Sink):
 
     # -- the rest of the contract ------------------------------------------------------------------------------
     def check(self) -> None:
-        probe = self._key(f".filefeed-probe-{uuid.uuid4().hex}")
+        probe = self.key(f".filefeed-probe-{uuid.uuid4().hex}")
         try:
             # HEAD first: some stores (SeaweedFS with an admin identity) create a missing bucket on PutObject
             self.client.head_bucket(Bucket=self.bucket)
@@ -365,7 +364,7 @@ class S3Sink(Sink):
             raise classify(e, f"checking {self.destination.uri}") from None
 
     def stat(self, name: str) -> RemoteObject | None:
-        head = self._head(self._key(name), self.url(name))
+        head = self._head(self.key(name), self.url(name))
         return None if head is None else RemoteObject(name, int(head["ContentLength"]))
 
     def list(self, prefix: str = "") -> Iterator[RemoteObject]:
@@ -379,14 +378,44 @@ class S3Sink(Sink):
         except Exception as e:
             raise classify(e, f"listing {self.destination.uri}") from None
 
+    def leftovers(self, prefixes: Iterable[str], older_than: float,
+                  own: Callable[[str], bool]) -> Iterator[Leftover]:
+        """Incomplete multipart uploads to keys this feed renders (a process killed mid-upload leaves them)."""
+        base = self.destination.path.strip("/")
+        base = f"{base}/" if base else ""
+        now = datetime.now(UTC)
+        try:
+            for prefix in prefixes:
+                pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                       Prefix=base + prefix)
+                for page in pages:
+                    for up in page.get("Uploads", []) or []:
+                        rel = up["Key"][len(base):]
+                        age = (now - up["Initiated"]).total_seconds()
+                        if up["Key"].startswith(base) and age > older_than and own(rel):
+                            yield Leftover(f"{rel} (incomplete multipart upload {up['UploadId']})", age,
+                                           (up["Key"], up["UploadId"]))
+        except Exception as e:
+            raise classify(e, f"listing the multipart uploads of {self.destination.uri}") from None
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        key, upload_id = leftover.handle
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) != "NoSuchUpload":
+                raise classify(e, f"aborting {leftover.name}") from None
+        except Exception as e:
+            raise classify(e, f"aborting {leftover.name}") from None
+
     def read(self, name: str) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
         except Exception as e:
             raise classify(e, f"reading {self.url(name)}") from None
 
     def remove(self, name: str) -> None:
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
         except Exception as e:
             raise classify(e, f"removing {self.url(name)}") from None

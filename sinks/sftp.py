@@ -33,8 +33,9 @@ import io
 import posixpath
 import socket
 import stat as stat_mod
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ import paramiko
 
 from sinks import register
 from sinks.base import (
-    PublishResult,
+    Leftover,
     RemoteObject,
     Sink,
     SinkError,
@@ -51,6 +52,8 @@ from sinks.base import (
     check_name,
     classify_os_error,
     same_bytes,
+    temp_leftover,
+    temp_name,
 )
 
 MiB = 1 << 20
@@ -168,7 +171,6 @@ class SFTPSink(Sink):
     scheme = "sftp"
 
     # Tunables, overridable per instance before first use.
-    timeout: float = 30.0  # connect, handshake and every SFTP request
     write_buffer: int = MiB
     posix_rename_supported: bool | None = None  # None: not known yet; found on first publish
 
@@ -177,6 +179,7 @@ class SFTPSink(Sink):
 
     def __init__(self, props: Any):
         super().__init__(props)
+        self.timeout = self.read_timeout  # every SFTP request on the channel
         self._dirs: set[str] = set()  # folders known to exist in this session (saves round trips)
 
     # -- connection --------------------------------------------------------------------------------------------
@@ -211,18 +214,18 @@ class SFTPSink(Sink):
         pkey = load_private_key(self.props.sftp_private_key.get_secret_value()) if self.props.sftp_private_key else None
         transport = None
         try:
-            sock = socket.create_connection((d.host, d.port), timeout=self.timeout)
+            sock = socket.create_connection((d.host, d.port), timeout=self.connect_timeout)
             transport = paramiko.Transport(sock)
-            transport.banner_timeout = self.timeout
-            transport.auth_timeout = self.timeout
-            transport.handshake_timeout = self.timeout
+            transport.banner_timeout = self.connect_timeout
+            transport.auth_timeout = self.connect_timeout
+            transport.handshake_timeout = self.connect_timeout
             if keys and not prints:
                 # ask for the key type(s) we pinned, or a server with several host keys could offer another one
                 wanted = [a for t in keys for a in _KEY_ALGOS.get(t, [t])]
                 usable = [a for a in wanted if a in transport.get_security_options().key_types]
                 if usable:
                     transport.get_security_options().key_types = usable
-            transport.start_client(timeout=self.timeout)
+            transport.start_client(timeout=self.connect_timeout)
             server_key = transport.get_remote_server_key()
             blob = server_key.asbytes()
             if blob not in keys.get(server_key.get_name(), set()) and fingerprint(blob) not in prints:
@@ -298,23 +301,34 @@ class SFTPSink(Sink):
                 raise
         self._dirs.add(folder)
 
-    # -- publish -----------------------------------------------------------------------------------------------
-    def publish(self, local_path: Path, name: str) -> PublishResult:
-        final = self._remote(name)
-        url = self.url(name)
-        try:
-            size = local_path.stat().st_size
-        except OSError as e:
-            raise classify_os_error(e, f"reading {local_path}") from None
+    # -- publish: the hooks of Sink.publish ----------------------------------------------------------------------
+    def _lookup(self, name: str) -> Any:
+        return self._stat(self._connect(), self._remote(name))
+
+    def _size_of(self, found: Any) -> int:
+        return found.st_size if stat_mod.S_ISREG(found.st_mode or 0) else -1
+
+    def _same_content(self, local_path: Path, name: str, found: Any) -> bool:
+        with self._connect().open(self._remote(name), "rb", bufsize=MiB) as f:
+            f.prefetch(found.st_size)
+            return same_bytes(local_path, iter(lambda: f.read(MiB), b""))
+
+    def _classify(self, e: BaseException, what: str) -> SinkError:
+        return self._fail(e, what)
+
+    def _create(self, local_path: Path, name: str, size: int) -> bool:
+        """Upload to a dot-prefixed temp name in the final folder, check its size, rename it onto the final name.
+
+        posix-rename would replace a file created between the lookup and the rename by a concurrent publisher of
+        the same name; deterministic names make that the same bytes. A refused plain rename: False.
+        """
         sftp = self._connect()
+        final = self._remote(name)
         folder = posixpath.dirname(final)
-        tmp = posixpath.join(folder, f".{posixpath.basename(final)}.filefeed-tmp-{uuid.uuid4().hex[:12]}")
+        tmp = posixpath.join(folder, temp_name(posixpath.basename(final)))
         tmp_created = False
         dst: Any = None
         try:
-            existing = self._stat(sftp, final)
-            if existing is not None:
-                return self._compare_existing(sftp, local_path, name, final, size, existing)
             self._makedirs(sftp, folder)
             with self.open_source(local_path) as src:
                 # unbuffered handle fed one SFTP request (32 KiB) per write: paramiko's own buffering re-slices its
@@ -331,26 +345,25 @@ class SFTPSink(Sink):
                 # leaving the block closed the file, which waits for every pipelined write's status
             remote_size = sftp.stat(tmp).st_size
             if remote_size != size:
-                raise TransientError(f"{url}: the server holds {remote_size} of {size} bytes after upload", kind="io")
+                raise TransientError(f"{self.url(name)}: the server holds {remote_size} of {size} bytes after upload",
+                                     kind="io")
             if self._rename(sftp, tmp, final):
-                return PublishResult(name, size, url)
-            # plain rename refused: the final name appeared meanwhile (or the server cannot rename at all)
-            self._remove_quietly(sftp, tmp)
-            tmp_created = False
-            existing = self._stat(sftp, final)
-            if existing is None:
-                raise TerminalError(f"{url}: the server refused to rename the uploaded temp file", kind="unsupported")
-            return self._compare_existing(sftp, local_path, name, final, size, existing)
+                tmp_created = False
+                return True
+            return False  # plain rename refused: the final name appeared meanwhile (or no rename at all)
         except BaseException as e:
             if dst is not None and not dst.closed:
                 # its close() already failed; without this paramiko's __del__ retries it on a dead channel
                 dst._closed = True
             if tmp_created:
                 self._remove_quietly(sftp, tmp)
+                tmp_created = False
             if not isinstance(e, Exception):
                 self.close()
-                raise
-            raise self._fail(e, f"publishing {url}") from None
+            raise
+        finally:
+            if tmp_created:
+                self._remove_quietly(sftp, tmp)
 
     def _remove_quietly(self, sftp: Any, path: str) -> None:
         """Best effort: a dot-prefixed leftover is never mistaken for a published file."""
@@ -383,17 +396,6 @@ class SFTPSink(Sink):
             return sftp.stat(path)
         except FileNotFoundError:
             return None
-
-    def _compare_existing(
-        self, sftp: Any, local_path: Path, name: str, final: str, size: int, attrs: Any
-    ) -> PublishResult:
-        url = self.url(name)
-        if attrs.st_size == size and stat_mod.S_ISREG(attrs.st_mode or 0):
-            with sftp.open(final, "rb", bufsize=MiB) as f:
-                f.prefetch(size)
-                if same_bytes(local_path, iter(lambda: f.read(MiB), b"")):
-                    return PublishResult(name, size, url, already_present=True)
-        raise TerminalError(f"{url}: name exists with different content", kind="conflict")
 
     # -- the rest of the contract ------------------------------------------------------------------------------
     def check(self) -> None:
@@ -430,25 +432,8 @@ class SFTPSink(Sink):
         folder, _, _ = prefix.rpartition("/")
         if folder:
             check_name(folder)
-        root = self.destination.path
         try:
-            sftp = self._connect()
-            stack = [posixpath.join(root, folder) if folder else root]
-            found: list[RemoteObject] = []
-            while stack:
-                current = stack.pop()
-                try:
-                    entries = sftp.listdir_attr(current)
-                except FileNotFoundError:
-                    continue
-                for a in entries:
-                    full = posixpath.join(current, a.filename)
-                    rel = posixpath.relpath(full, root)
-                    if stat_mod.S_ISDIR(a.st_mode or 0):
-                        if rel.startswith(prefix) or prefix.startswith(rel + "/"):
-                            stack.append(full)
-                    elif stat_mod.S_ISREG(a.st_mode or 0) and rel.startswith(prefix):
-                        found.append(RemoteObject(rel, a.st_size))
+            found = [RemoteObject(rel, a.st_size) for rel, a in self._walk(folder, prefix) if rel.startswith(prefix)]
         except SinkError:
             raise
         except Exception as e:
@@ -466,6 +451,49 @@ class SFTPSink(Sink):
             raise
         except Exception as e:
             raise self._fail(e, f"reading {self.url(name)}") from None
+
+    def _walk(self, folder: str, prefix: str) -> Iterator[tuple[str, Any]]:
+        """(relative name, attributes) of the regular files under `folder`, descending only where `prefix` may
+        match."""
+        root = self.destination.path
+        sftp = self._connect()
+        stack = [posixpath.join(root, folder) if folder else root]
+        while stack:
+            current = stack.pop()
+            try:
+                entries = sftp.listdir_attr(current)
+            except FileNotFoundError:
+                continue
+            for a in entries:
+                full = posixpath.join(current, a.filename)
+                rel = posixpath.relpath(full, root)
+                if stat_mod.S_ISDIR(a.st_mode or 0):
+                    if rel.startswith(prefix) or prefix.startswith(rel + "/"):
+                        stack.append(full)
+                elif stat_mod.S_ISREG(a.st_mode or 0):
+                    yield rel, a
+
+    def leftovers(self, prefixes: Iterable[str], older_than: float,
+                  own: Callable[[str], bool]) -> Iterator[Leftover]:
+        """Our dot-prefixed temp files (a process killed mid-upload leaves one) in the folders under `prefixes`."""
+        now = time.time()
+        found: list[Leftover] = []
+        try:
+            for prefix in prefixes:
+                folder = prefix.rpartition("/")[0]
+                if folder:
+                    check_name(folder)
+                for rel, a in self._walk(folder, folder + "/" if folder else ""):
+                    if lo := temp_leftover(rel, a.st_mtime or now, now, older_than, own):
+                        found.append(lo)
+        except SinkError:
+            raise
+        except Exception as e:
+            raise self._fail(e, f"listing {self.destination.uri}") from None
+        yield from found
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        self.remove(leftover.name)
 
     def read(self, name: str) -> bytes:
         path = self._remote(name)

@@ -167,16 +167,18 @@ def test_retry_after_terminal_failure(tmp_path, filefeed_factory):
     part = _partition(st, FEED, "UPSERT")
     assert len(part["failed_rolls"]) == 1 and part["delivered_rows"] == 0
     failed = part["failed_rolls"][0]
-    assert failed["kind"] == "not_found" and failed["error_class"] and failed["rows"] == len(items)
+    assert failed["kind"] == "not_found" and failed["severity"] == "terminal" and failed["rows"] == len(items)
     p = cli(srv.env, "status")
     assert p.returncode == 0 and "failed roll" in p.stdout and failed["roll_id"] in p.stdout
+    # one vocabulary: "terminal not_found" (the same words troubleshoot and metrics use), never a Python class
+    assert "TerminalError" not in p.stdout and "terminal not_found" in p.stdout, p.stdout
 
     data = troubleshoot(srv)["data"]
     assert data["rows_by_operation"]["UPSERT"]["failed_rolls"] == 1
-    kinds = {(e["error_class"], e["kind"]) for e in data["last_errors"]}
-    assert ("terminal", "not_found") in kinds  # the partition's last error: class and kind
+    kinds = {(e["severity"], e["kind"]) for e in data["last_errors"]}
+    assert kinds == {("terminal", "not_found")}, data["last_errors"]  # last error and failed roll: one vocabulary
     assert any(e.get("failed_roll") == failed["roll_id"] for e in data["last_errors"])
-    assert total(scrape(srv.url), "filefeed_errors_total", error_class="terminal") >= 1
+    assert total(scrape(srv.url), "filefeed_errors_total", severity="terminal") >= 1
 
     # still broken: retry fails, exit 1, the roll is back in failed/
     p = cli(srv.env, "retry")

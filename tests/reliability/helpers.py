@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,6 +374,24 @@ def _pick_port(kind: str, r: random.Random) -> int:
             if port_free(p):
                 return p
     raise RuntimeError(f"no free port for an extra {kind} server")
+
+
+@contextmanager
+def extra_server(kind: str, state: Path) -> Iterator[ExtraServer]:
+    """Our own `kind` server for one test or module, stopped by PID whatever happens; fails the test if it cannot
+    start (a fault test that skips proves nothing)."""
+    import pytest
+
+    srv = ExtraServer(kind, state)
+    try:
+        srv.start()
+    except RuntimeError as e:
+        srv.stop()
+        pytest.fail(f"could not start our own {kind} server: {e}")
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 class ExtraServer:

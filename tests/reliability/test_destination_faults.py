@@ -29,6 +29,7 @@ from tests.reliability.helpers import (
     ExtraServer,
     batch_body,
     cli_json,
+    extra_server,
     feed_props,
     post,
     read_gcs,
@@ -50,18 +51,11 @@ FIGURES: dict[str, dict] = {}
 @pytest.fixture(scope="module", params=["s3", "sftp", "gs"])
 def dest_server(request, tmp_path_factory):
     kind = request.param
-    srv = ExtraServer(kind, tmp_path_factory.mktemp(f"extra-{kind}"))
-    try:
-        srv.start()
-    except RuntimeError as e:
-        srv.stop()
-        pytest.fail(f"could not start our own {kind} server: {e}")
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        if kind == "sftp":
-            root = srv.info.get("SFTP_LOCAL_ROOT")
+    with extra_server(kind, tmp_path_factory.mktemp(f"extra-{kind}")) as srv:
+        try:
+            yield srv
+        finally:
+            root = srv.info.get("SFTP_LOCAL_ROOT") if kind == "sftp" else None
             if root and os.path.ismount(root):
                 subprocess.run(["umount", "-l", root], check=False)
 

@@ -16,9 +16,9 @@ import pytest
 
 from tests.reliability.helpers import (
     REPO,
-    ExtraServer,
     base_env,
     batch_body,
+    extra_server,
     feed_props,
     post,
     record_summary,
@@ -120,16 +120,8 @@ def test_path_traversal_in_ids_refs_and_templates(group, tmp_path):
 
 @pytest.fixture(scope="module")
 def sftp_server(tmp_path_factory):
-    srv = ExtraServer("sftp", tmp_path_factory.mktemp("sec-sftp"))
-    try:
-        srv.start()
-    except RuntimeError as e:
-        srv.stop()
-        pytest.fail(f"could not start our own sshd: {e}")
-    try:
+    with extra_server("sftp", tmp_path_factory.mktemp("sec-sftp")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_sftp_host_key_mismatch_refused_at_creation(group, tmp_path, sftp_server):

@@ -240,7 +240,8 @@ def test_terminal_failure_moves_the_roll_to_failed_and_retry_publishes_it(root: 
     assert pending_rolls(root, P) == []
     fdir = root / P.relpath / "failed" / roll_id
     reason = json.loads((fdir / "reason.json").read_text())
-    assert reason["error_class"] == "TerminalError" and reason["kind"] == "permission"
+    assert reason["severity"] == "terminal" and reason["kind"] == "permission"
+    assert reason["exception"] == "TerminalError"
     assert reason["message"] == "access denied to bucket" and reason["attempts"] == 1
     assert datetime.fromisoformat(reason["failed_at"]).tzinfo is not None
     assert os.listdir(fdir / "segments") == ["w1-000001.jnl"]  # rows kept, not dropped
@@ -263,7 +264,7 @@ def test_unknown_errors_are_retried_a_bounded_number_of_times(root: Path, dest: 
     (roll_id,) = failed_rolls(root, P)
     reason = json.loads((root / P.relpath / "failed" / roll_id / "reason.json").read_text())
     assert reason["kind"] == "unknown" and reason["attempts"] == MAX_UNKNOWN_ATTEMPTS
-    assert reason["error_class"] == "RuntimeError"
+    assert reason["exception"] == "RuntimeError"
 
 
 def test_corrupt_segment_goes_to_failed_not_published(root: Path, dest: Path) -> None:

@@ -33,7 +33,7 @@ from filefeed.protocol import (
     parse_json_body,
     require_str,
 )
-from pipeline import batch, scheduler, troubleshoot
+from pipeline import batch, ledger, scheduler, troubleshoot
 from pipeline.identifiers import RequestError
 from pipeline.ingest import ingest_update
 from pipeline.staging import Staging
@@ -268,7 +268,8 @@ async def metadata(request: Request) -> Response:
 
 
 async def metrics_route(request: Request) -> Response:
-    payload, content_type = metrics.render(request.app.state.plugin.staging)
+    metrics.flush_local()  # here, on the loop that counts; the rest (files, cached gauges) in a thread
+    payload, content_type = await run_in_threadpool(metrics.render, request.app.state.plugin.staging, flush=False)
     return Response(payload, media_type=content_type)
 
 
@@ -325,7 +326,10 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
         sys.setswitchinterval(0.0002)
         plugin = Plugin(settings, source)
         app.state.plugin = plugin
+        ledger.configure(settings.ledger_retention_days)
+        await run_in_threadpool(ledger.migrate_on_start, settings.staging_dir)  # old published/ folders, once
         await run_in_threadpool(plugin.staging.recover)
+        metrics.start_gauges(plugin.staging, settings.metrics_refresh_seconds)
         plugin.tasks = [
             asyncio.create_task(plugin.staging.run_sealer(), name="sealer"),
             asyncio.create_task(scheduler.run_age_flushes(plugin.staging, plugin.source, settings), name="flusher"),
@@ -341,6 +345,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
             for t in plugin.tasks:
                 t.cancel()
             await asyncio.gather(*plugin.tasks, return_exceptions=True)
+            await run_in_threadpool(metrics.stop_gauges, plugin.staging)
             await plugin.staging.aclose()
             await plugin.source.aclose()
 

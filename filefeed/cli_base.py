@@ -63,6 +63,9 @@ def settings(*, write: bool = False) -> ServiceSettings:
         except ConfigFileError as e:
             raise OperatorError(f"filefeed: {e}") from None
     check_staging_dir(s.staging_dir, write=write)
+    from pipeline import ledger
+
+    ledger.configure(s.ledger_retention_days)
     return s
 
 

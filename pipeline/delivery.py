@@ -1,7 +1,7 @@
 """Rolling a partition through the feed's sink: one entry point for batch_update, the age timer and the CLI.
 
-Sinks are kept per feed configuration (a boto3 client or an SSH session is expensive to build) and used under a
-lock, because one sink object may be shared by the threads rolling several partitions of a feed.
+Sinks are kept per feed configuration (a boto3 client or an SSH session is expensive to build); each is used by one
+thread at a time, and threads rolling partitions of one feed at once take one each.
 """
 
 from __future__ import annotations
@@ -24,36 +24,43 @@ log = logging.getLogger("filefeed.delivery")
 
 
 class SinkPool:
-    """Open sinks by feed configuration; a changed configuration gets a new sink."""
+    """Open sinks by feed configuration; a changed configuration gets a new sink.
+
+    A sink is used by one thread at a time; threads rolling partitions of the same feed at once (batch_update in
+    several threads, a parallel `filefeed flush`) each take an idle sink of that configuration or open one, so they do
+    not queue behind each other. Idle sinks are kept for reuse: at most as many as were ever in use at once.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sinks: dict[str, tuple[Sink, threading.Lock]] = {}
+        self._idle: dict[str, list[Sink]] = {}
 
     @contextmanager
     def sink(self, props: FeedProperties) -> Iterator[Sink]:
         key = props.model_dump_json()  # includes secrets, but only as a dict key in memory
         with self._lock:
-            entry = self._sinks.get(key)
-            if entry is None:
-                entry = self._sinks[key] = (open_sink(props), threading.Lock())
-        sink, lock = entry
-        with lock:
-            try:
-                yield sink
-            except SinkError:
-                # a broken connection must not poison later rolls: reopen next time
-                with self._lock:
-                    if self._sinks.get(key) is entry:
-                        del self._sinks[key]
-                sink.close()
-                raise
+            idle = self._idle.setdefault(key, [])
+            sink = idle.pop() if idle else None
+        if sink is None:
+            sink = open_sink(props)
+        try:
+            yield sink
+        except SinkError:
+            # a broken connection must not poison later rolls: reopen next time
+            sink.close()
+            raise
+        except BaseException:
+            with self._lock:
+                self._idle.setdefault(key, []).append(sink)
+            raise
+        with self._lock:
+            self._idle.setdefault(key, []).append(sink)
 
     def close(self) -> None:
         with self._lock:
-            entries = list(self._sinks.values())
-            self._sinks.clear()
-        for sink, _ in entries:
+            sinks = [s for idle in self._idle.values() for s in idle]
+            self._idle.clear()
+        for sink in sinks:
             sink.close()
 
 

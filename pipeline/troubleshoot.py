@@ -40,7 +40,9 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
     """One partition: staged rows and bytes, oldest row, pending and failed rolls, deliveries, last error."""
     st = staging.stats(partition)
     pdir = partition_dir(staging.root, partition)
-    entries = Ledger(pdir).entries()
+    ledger = Ledger(pdir)
+    recent = ledger.last(max(deliveries, 1))  # newest first; one indexed query whatever the history
+    totals = ledger.totals()  # everything ever published, entries pruned by the retention included
     failed = []
     for roll_id in failed_rolls(staging.root, partition):
         reason = _read(pdir / "failed" / roll_id / "reason.json") or {}
@@ -48,7 +50,7 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
         failed.append({"roll_id": roll_id, "error_class": reason.get("error_class"), "kind": reason.get("kind"),
                        "message": reason.get("message"), "failed_at": reason.get("failed_at"),
                        "attempts": reason.get("attempts"), "rows": encoded.get("rows")})
-    last = entries[-1] if entries else None
+    last = recent[0] if recent else None
     return {
         "segment_id": partition.segment_id,
         "operation": partition.operation,
@@ -60,11 +62,11 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
         "sealed_segments": st.sealed_segments,
         "pending_rolls": len(pending_rolls(staging.root, partition)),
         "failed_rolls": failed,
-        "delivered_rows": sum(e.rows for e in entries),
-        "delivered_files": sum(len(e.files) for e in entries),
-        "delivered_bytes": sum(e.bytes for e in entries),
+        "delivered_rows": totals.rows,
+        "delivered_files": totals.files,
+        "delivered_bytes": totals.bytes,
         "last_delivery": None if last is None else _delivery(last),
-        "recent_deliveries": [_delivery(e) for e in reversed(entries[-deliveries:])] if deliveries > 0 else [],
+        "recent_deliveries": [_delivery(e) for e in recent[:deliveries]] if deliveries > 0 else [],
         "last_error": _read(pdir / LAST_ERROR),
     }
 

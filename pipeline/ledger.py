@@ -186,6 +186,9 @@ def _open(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")  # a recorded roll survives power loss before its folder is removed
     conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
     conn.execute("PRAGMA journal_size_limit=67108864")  # the WAL file is cut back to 64 MiB after a checkpoint
+    # per connection, and there is one per thread: SQLite's default 2 MiB page cache each would add up to the
+    # worker's RSS; the lookups touch a few index pages, which the OS page cache keeps anyway
+    conn.execute("PRAGMA cache_size=-256")
     conn.executescript(_SCHEMA)
     return conn
 

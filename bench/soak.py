@@ -1,6 +1,6 @@
 """Endurance soak: many feeds, batches every second, a short ledger retention, for many minutes.
 
-    python bench/soak.py [--minutes 30] [--feeds 200] [--rate 100] [--batch-feeds 5] [--retention-seconds 120]
+    python bench/soak.py [--minutes 30] [--feeds 200] [--rate 100] [--batch-feeds 5] [--retention-seconds 600]
 
 `filefeed serve` (2 workers) serves `--feeds` embedded feeds, one segment each, delivering to local folders. Clients
 send `--rate` user_segment_update calls a second spread over every feed; every second a batcher sends batch_update
@@ -241,7 +241,8 @@ def main() -> int:
     ap.add_argument("--feeds", type=int, default=200)
     ap.add_argument("--rate", type=int, default=100, help="user_segment_update calls per second, all feeds")
     ap.add_argument("--batch-feeds", type=int, default=5, help="feeds batched each second (round robin)")
-    ap.add_argument("--retention-seconds", type=float, default=120)
+    ap.add_argument("--retention-seconds", type=float, default=600,
+                    help="longer than a whole batch cycle of every feed on a loaded machine")
     ap.add_argument("--sample-seconds", type=float, default=30)
     ap.add_argument("--repo", type=Path, default=ROOT, help="the checkout whose `filefeed serve` runs (A/B runs)")
     args = ap.parse_args()

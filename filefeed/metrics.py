@@ -323,16 +323,15 @@ def stop_gauges(staging: Staging) -> None:
         gauges.stop()
 
 
-def render(staging: Staging, *, flush: bool = True) -> tuple[bytes, str]:
+def render(staging: Staging) -> tuple[bytes, str]:
     """The exposition text: counters and histograms of every worker (multiprocess) + the disk gauges.
 
     The gauges come from the server's background thread (`start_gauges`); without one (a command, a test) they are
     computed here. Each call builds its own registries, so concurrent scrapes never share state. Other workers'
-    hot-path counts reach the shared files within a second (`run_flusher`). The server calls this in a thread, with
-    `flush=False` after flushing this worker's counts on its event loop (the only thread that adds to them).
+    hot-path counts reach the shared files within a second (`run_flusher`). With the gauges cached this takes under
+    a millisecond, so the server calls it on its event loop (the only thread that adds to the local counts).
     """
-    if flush:
-        flush_local()
+    flush_local()
     if os.environ.get(ENV):
         from prometheus_client import multiprocess
 

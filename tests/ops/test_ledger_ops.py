@@ -110,3 +110,19 @@ def test_flush_in_parallel_delivers_every_row_once(tmp_path, filefeed_factory):
     assert Counter(r["identifier"] for r in delivered_rows(out)) == sent  # every row, once
     text = cli(srv.env, "flush")
     assert text.returncode == 0 and " s (8 at a time)" in text.stdout
+
+
+def test_verify_counts_objects_older_than_the_retention_apart_from_extras(tmp_path, filefeed_factory):
+    out = tmp_path / "out"
+    srv = filefeed_factory(workers=1, feeds={FEED: {"destination_uri": out.as_uri()}})
+    assert send_batch(srv, send_users(srv, range(0, 3)))["status"] == "OK"
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    old = out / SEGMENT / "20200101T000000Z_UPSERT_20200101T000000-0123456789_part00001.csv.gz"
+    recent = out / SEGMENT / f"{stamp}Z_UPSERT_{stamp}-0123456789_part00001.csv.gz"
+    for f in (old, recent):
+        f.write_bytes(b"not listed")
+    p = cli(srv.env, "verify", "--json")
+    assert p.returncode == 1, p.stdout + p.stderr
+    report = json.loads(p.stdout)
+    assert report["beyond_retention"] == 1  # its ledger entry may have been pruned: nothing to compare with
+    assert [x["name"] for x in report["problems"] if x["problem"] == "extra"] == [recent.relative_to(out).as_posix()]

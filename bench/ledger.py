@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,8 +29,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import free_port, wait_ready  # noqa: E402
-from tests.reliability.helpers import batch_body, group_pids, rss_kb, update_body, write_feeds  # noqa: E402
+from bench.server import start_server, stop_server  # noqa: E402
+from tests.reliability.helpers import batch_body, group_pids, rss_kb, update_body  # noqa: E402
 
 FEED, SEGMENT = "42", "451256"
 
@@ -90,20 +89,8 @@ def worker_rss_mb(proc: subprocess.Popen) -> float:
 def start(tmp: Path, name: str, dest: Path) -> tuple[subprocess.Popen, str]:
     staging = tmp / name / "staging"
     staging.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_", "GATEWAY_"))}
-    feeds = write_feeds(tmp / name / "feeds.toml", {FEED: {"destination_uri": dest.as_uri(),
-                                                          "identifier_types": "USER_ACCOUNT"}})
-    env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(staging), "FILEFEED_MIN_FREE_BYTES": "0",
-                "FILEFEED_LOG_LEVEL": "WARNING", "FILEFEED_FLUSH_CHECK_SECONDS": "3600", "PYTHONPATH": str(ROOT),
-                "FILEFEED_SEAL_AFTER_SECONDS": "0.2"})
-    log = open(tmp / name / "serve.log", "ab")  # noqa: SIM115 - the server's own log, open for its life
-    proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], env=env, cwd=str(ROOT), stdout=log, stderr=log,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc)
-    return proc, url
+    feeds = {FEED: {"destination_uri": dest.as_uri(), "identifier_types": "USER_ACCOUNT"}}
+    return start_server(tmp / name, staging, feeds, env={"FILEFEED_SEAL_AFTER_SECONDS": "0.2"})
 
 
 def one_round(c: httpx.Client, r: int, updates: int) -> tuple[float, dict]:
@@ -158,11 +145,7 @@ def main() -> int:
         rss_end = {n: worker_rss_mb(s["proc"]) for n, s in sides.items()}
     finally:
         for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(p.pid, signal.SIGKILL)
+            stop_server(p)
     e, f = sides["empty"]["lat"], sides["full"]["lat"]
     p50e, p50f, p99e, p99f = pct(e, 0.5) * 1e3, pct(f, 0.5) * 1e3, pct(e, 0.99) * 1e3, pct(f, 0.99) * 1e3
     print(f"batch_update of {2 * args.updates} items, {args.rounds} interleaved rounds, 1 worker each; load average "

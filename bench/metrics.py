@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,8 +29,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import free_port, wait_ready  # noqa: E402
-from tests.reliability.helpers import update_body, write_feeds  # noqa: E402
+from bench.server import start_server, stop_server  # noqa: E402
+from tests.reliability.helpers import update_body  # noqa: E402
 
 FEEDS = 250
 RATE = 200
@@ -54,22 +53,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 def start(repo: Path, staging: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     dest = tmp / "dest"
     dest.mkdir(exist_ok=True)
-    feeds = write_feeds(tmp / f"feeds-{port}.toml", {str(1000 + f): {"destination_uri": dest.as_uri(),
-                                                                   "identifier_types": "USER_ACCOUNT"}
-                                                    for f in range(FEEDS)})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_", "GATEWAY_"))}
-    env.update({"FILEFEED_FEEDS": str(feeds), "FILEFEED_STAGING_DIR": str(staging), "FILEFEED_MIN_FREE_BYTES": "0",
-                "FILEFEED_LOG_LEVEL": "WARNING", "FILEFEED_FLUSH_CHECK_SECONDS": "3600", "PYTHONPATH": str(repo)})
-    log = open(tmp / f"serve-{port}.log", "ab")  # noqa: SIM115 - the server's own log, open for its life
-    proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], env=env, cwd=str(repo), stdout=log, stderr=log,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc)
-    return proc, url
+    feeds = {str(1000 + f): {"destination_uri": dest.as_uri(), "identifier_types": "USER_ACCOUNT"}
+             for f in range(FEEDS)}
+    return start_server(tmp, staging, feeds, repo=repo)
 
 
 def phase(url: str, seconds: float, scrape: bool) -> tuple[list[float], list[float]]:
@@ -132,8 +120,7 @@ def measure(name: str, repo: Path, staging: Path, tmp: Path, args: argparse.Name
             out["scraped"] += scraped
             out["scrapes"] += scrapes
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        stop_server(proc)
     q, s, sc = out["quiet"], out["scraped"], out["scrapes"]
     print(f"  {name:14}{pct(sc, 0.5) * 1e3:>10.1f}{max(sc) * 1e3:>10.1f}{pct(q, 0.5) * 1e3:>10.1f}"
           f"{pct(q, 0.99) * 1e3:>10.1f}{max(q) * 1e3:>10.1f}{pct(s, 0.5) * 1e3:>10.1f}{pct(s, 0.99) * 1e3:>10.1f}"

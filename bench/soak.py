@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,15 +34,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import free_port, wait_ready  # noqa: E402
-from tests.reliability.helpers import (  # noqa: E402
-    batch_body,
-    group_pids,
-    read_local,
-    rss_kb,
-    update_body,
-    write_feeds,
-)
+from bench.server import start_server, stop_server  # noqa: E402
+from tests.reliability.helpers import batch_body, group_pids, read_local, rss_kb, update_body  # noqa: E402
 
 RSS_GROWTH_KB = 20 * 1024
 FD_GROWTH = 16
@@ -96,18 +87,8 @@ def run(seconds: float, *, feeds: int = 200, rate: int = 100, batch_feeds: int =
     conf = {f: {"destination_uri": (dest / f).as_uri(), "identifier_types": "USER_ACCOUNT"} for f in feed_ids}
     for f in feed_ids:
         (dest / f).mkdir(parents=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FILEFEED_", "PLUGIN_", "GATEWAY_"))}
-    env.update({"FILEFEED_STAGING_DIR": str(staging), "FILEFEED_FEEDS": str(write_feeds(tmp / "feeds.toml", conf)),
-                "FILEFEED_FLUSH_CHECK_SECONDS": "3600", "FILEFEED_MIN_FREE_BYTES": "0", "PYTHONPATH": str(repo),
-                "FILEFEED_SEAL_AFTER_SECONDS": "0.5", "FILEFEED_BATCH_WAIT_SECONDS": "5",
-                "FILEFEED_LEDGER_RETENTION_DAYS": repr(retention_seconds / 86400),
-                "FILEFEED_METRICS_REFRESH_SECONDS": "5", "FILEFEED_LOG_LEVEL": "WARNING"})
-    log = open(tmp / "serve.log", "ab")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", str(workers)], env=env, stdout=log, stderr=log, cwd=str(repo),
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    env = {"FILEFEED_SEAL_AFTER_SECONDS": "0.5", "FILEFEED_BATCH_WAIT_SECONDS": "5",
+           "FILEFEED_LEDGER_RETENTION_DAYS": repr(retention_seconds / 86400), "FILEFEED_METRICS_REFRESH_SECONDS": "5"}
     stop = threading.Event()
     lock = threading.Lock()
     acked: set[tuple[str, str, str]] = set()
@@ -182,8 +163,8 @@ def run(seconds: float, *, feeds: int = 200, rate: int = 100, batch_feeds: int =
         if verbose:
             print(json.dumps(s), flush=True)
 
+    proc, url = start_server(tmp, staging, conf, workers=workers, repo=repo, env=env)
     try:
-        wait_ready(url, proc)
         threads_n = 8
         threads = [threading.Thread(target=client, args=(n, threads_n), daemon=True) for n in range(threads_n)]
         threads += [threading.Thread(target=batcher, args=(n, 2), daemon=True) for n in range(2)]
@@ -205,12 +186,7 @@ def run(seconds: float, *, feeds: int = 200, rate: int = 100, batch_feeds: int =
         samples[-1]["after_final_batches"] = True
     finally:
         stop.set()
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop_server(proc)
     delivered = read_local(dest)
     got = delivered.check(acked)
     warm_t = min(retention_seconds + 60, seconds / 2)

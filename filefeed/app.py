@@ -180,7 +180,12 @@ async def batch_update(plugin: Plugin, body: dict) -> Response:
         return handler_response("batch_update", {"status": "ERROR", "message": f"feed {feed_id} has invalid "
                                                  f"properties: {ctx.error}", "sent_items_in_success": 0,
                                                  "sent_items_in_error": 0})
-    result = await run_in_threadpool(batch.deliver_batch, plugin.staging, ctx, body, plugin.settings)
+    try:
+        result = await run_in_threadpool(batch.deliver_batch, plugin.staging, ctx, body, plugin.settings)
+    except ledger.LedgerError as e:  # locked past its timeout, or the volume is full: nothing was counted yet
+        log.warning("batch_update: %s", e, extra={"route": "batch_update", "outcome": "retry"})
+        result = {"status": "RETRY", "message": str(e)[:1000], "sent_items_in_success": 0, "sent_items_in_error": 0,
+                  "next_msg_delay_in_ms": plugin.settings.retry_delay_ms}
     return handler_response("batch_update", result)
 
 

@@ -152,3 +152,15 @@ def test_migration_killed_midway_loses_nothing_and_reruns_cleanly(root: Path, cr
     assert delivery_totals(root, P) == ledger.DeliveryTotals(rolls=200, rows=2000, files=200,
                                                              bytes=sum(100 + k for k in range(1, 201)))
     assert os.listdir(partition_dir(root, P)) == []
+
+
+def test_the_ledger_settings_are_validated_with_the_others() -> None:
+    from config.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as e:
+        load_settings(feeds=Path("feeds.toml"), ledger_retention_days=0, flush_concurrency=0,
+                      metrics_refresh_seconds=-1)
+    assert {p.split(":")[0] for p in e.value.problems} == {"ledger_retention_days", "flush_concurrency",
+                                                           "metrics_refresh_seconds"}
+    ok = load_settings(feeds=Path("feeds.toml"), ledger_retention_days=0.5)
+    assert ok.ledger_retention_days == 0.5 and ok.flush_concurrency == 8

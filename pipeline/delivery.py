@@ -19,8 +19,12 @@ from pipeline.ledger import Ledger, atomic_write_json, partition_dir
 from pipeline.model import Partition
 from pipeline.rollover import RollOutcome, roll_partition
 from sinks import Sink, SinkError, open_sink
+from sinks.base import TransientError
 
 log = logging.getLogger("filefeed.delivery")
+
+MAX_SINKS_PER_CONFIG = 8  # connections one destination gets from one process at most (the flush concurrency's default)
+SINK_WAIT_SECONDS = 60.0
 
 
 class SinkPool:
@@ -28,31 +32,45 @@ class SinkPool:
 
     A sink is used by one thread at a time; threads rolling partitions of the same feed at once (batch_update in
     several threads, a parallel `filefeed flush`) each take an idle sink of that configuration or open one, so they do
-    not queue behind each other. Idle sinks are kept for reuse: at most as many as were ever in use at once.
+    not queue behind each other, up to `per_config` at once per configuration (a roll waits `wait_seconds` for one,
+    then gets a transient error). Idle sinks are kept for reuse.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_config: int = MAX_SINKS_PER_CONFIG, wait_seconds: float = SINK_WAIT_SECONDS) -> None:
         self._lock = threading.Lock()
         self._idle: dict[str, list[Sink]] = {}
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self.per_config = per_config
+        self.wait_seconds = wait_seconds
 
     @contextmanager
     def sink(self, props: FeedProperties) -> Iterator[Sink]:
         key = props.model_dump_json()  # includes secrets, but only as a dict key in memory
         with self._lock:
-            idle = self._idle.setdefault(key, [])
-            sink = idle.pop() if idle else None
-        if sink is None:
-            sink = open_sink(props)
+            slots = self._slots.setdefault(key, threading.BoundedSemaphore(self.per_config))
+        if not slots.acquire(timeout=self.wait_seconds):
+            raise TransientError(f"all {self.per_config} connections to {props.destination} are busy",
+                                 kind="busy")
         try:
-            yield sink
-        except SinkError:
-            # a broken connection must not poison later rolls: reopen next time
-            sink.close()
-            raise
-        except BaseException:
             with self._lock:
-                self._idle.setdefault(key, []).append(sink)
-            raise
+                idle = self._idle.setdefault(key, [])
+                sink = idle.pop() if idle else None
+            if sink is None:
+                sink = open_sink(props)
+            try:
+                yield sink
+            except SinkError:
+                # a broken connection must not poison later rolls: reopen next time
+                sink.close()
+                raise
+            except BaseException:
+                self._give_back(key, sink)
+                raise
+            self._give_back(key, sink)
+        finally:
+            slots.release()
+
+    def _give_back(self, key: str, sink: Sink) -> None:
         with self._lock:
             self._idle.setdefault(key, []).append(sink)
 

@@ -1,6 +1,7 @@
 """Ledger benchmark: batch_update latency and worker RSS with an empty ledger and with 1,000,000 published rolls.
 
     python bench/ledger.py [--rolls 1000000] [--rounds 40] [--updates 50] [--partitions 1000]
+                           [--old-repo PATH --old-rolls 30000]
 
 Two `filefeed serve` instances (1 worker each), one on a staging folder whose ledger is empty and one whose ledger
 holds `--rolls` published rolls spread over `--partitions` partitions (the benchmarked one among them), written in
@@ -86,11 +87,28 @@ def worker_rss_mb(proc: subprocess.Popen) -> float:
     return max((rss_kb(p) for p in group_pids(proc.pid)), default=0) / 1024
 
 
-def start(tmp: Path, name: str, dest: Path) -> tuple[subprocess.Popen, str]:
+def start(tmp: Path, name: str, dest: Path, repo: Path = ROOT) -> tuple[subprocess.Popen, str]:
     staging = tmp / name / "staging"
     staging.mkdir(parents=True, exist_ok=True)
     feeds = {FEED: {"destination_uri": dest.as_uri(), "identifier_types": "USER_ACCOUNT"}}
-    return start_server(tmp / name, staging, feeds, env={"FILEFEED_SEAL_AFTER_SECONDS": "0.2"})
+    return start_server(tmp / name, staging, feeds, repo=repo, env={"FILEFEED_SEAL_AFTER_SECONDS": "0.2"})
+
+
+def fill_old_layout(root: Path, rolls: int) -> float:
+    """The previous release's ledger: one `published/<roll_id>.json` per roll in the benchmarked partition."""
+    from pipeline.ledger import json_bytes
+
+    started = time.perf_counter()
+    folder = root / "feeds" / FEED / SEGMENT / "UPSERT" / "published"
+    folder.mkdir(parents=True)
+    for k in range(rolls):
+        roll_id = f"20261101T{k % 240000:06d}-{k:010x}"
+        folder.joinpath(f"{roll_id}.json").write_bytes(json_bytes({
+            "version": 1, "roll_id": roll_id, "partition": f"{FEED}/{SEGMENT}/UPSERT",
+            "planned_at": "2026-11-01T00:00:00+00:00", "published_at": "2026-11-01T00:00:01+00:00",
+            "files": [{"name": f"{SEGMENT}/{roll_id}.csv.gz", "rows": 100, "bytes": 4000, "sha256": "ab" * 32}],
+            "manifest": None, "rows": 100, "bytes": 4000, "segments": [f"wolda-{k:08d}.jnl", f"woldb-{k:08d}.jnl"]}))
+    return time.perf_counter() - started
 
 
 def one_round(c: httpx.Client, r: int, updates: int) -> tuple[float, dict]:
@@ -117,6 +135,9 @@ def main() -> int:
     ap.add_argument("--partitions", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--updates", type=int, default=50, help="user_segment_update calls per batch (2 identifiers)")
+    ap.add_argument("--old-repo", type=Path, default=None,
+                    help="also measure that checkout (e.g. the previous release) with --old-rolls JSON ledger files")
+    ap.add_argument("--old-rolls", type=int, default=30_000)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="filefeed-bench-ledger-"))
     procs: list[subprocess.Popen] = []
@@ -125,11 +146,16 @@ def main() -> int:
         size = os.path.getsize(tmp / "full" / "staging" / "ledger.sqlite3")
         print(f"ledger filled with {args.rolls:,} rolls over {args.partitions:,} partitions in {fill_seconds:.1f} s "
               f"({size / 2**20:,.0f} MiB)", flush=True)
+        names = ["empty", "full"]
+        if args.old_repo:
+            names.append("old")
+            print(f"old layout: {args.old_rolls:,} published/*.json written in "
+                  f"{fill_old_layout(tmp / 'old' / 'staging', args.old_rolls):.1f} s", flush=True)
         sides = {}
-        for name in ("empty", "full"):
+        for name in names:
             dest = tmp / name / "dest"
             dest.mkdir(parents=True)
-            proc, url = start(tmp, name, dest)
+            proc, url = start(tmp, name, dest, args.old_repo if name == "old" else ROOT)
             procs.append(proc)
             sides[name] = {"proc": proc, "client": httpx.Client(base_url=url, timeout=120, trust_env=False),
                            "lat": [], "bad": []}
@@ -137,7 +163,7 @@ def main() -> int:
             one_round(side["client"], -1, args.updates)
         rss_warm = {n: worker_rss_mb(s["proc"]) for n, s in sides.items()}
         for r in range(args.rounds):
-            for name in (("empty", "full") if r % 2 == 0 else ("full", "empty")):
+            for name in (names if r % 2 == 0 else list(reversed(names))):
                 seconds, answer = one_round(sides[name]["client"], r, args.updates)
                 sides[name]["lat"].append(seconds)
                 if answer.get("status") != "OK" or answer.get("sent_items_in_success") != 2 * args.updates:
@@ -151,8 +177,10 @@ def main() -> int:
     print(f"batch_update of {2 * args.updates} items, {args.rounds} interleaved rounds, 1 worker each; load average "
           f"{os.getloadavg()}")
     print(f"  {'':34}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'RSS warm MB':>14}{'RSS end MB':>12}")
-    for name, lat in (("empty ledger", e), (f"{args.rolls:,} rolls in the ledger", f)):
-        key = "empty" if lat is e else "full"
+    labels = {"empty": "empty ledger", "full": f"{args.rolls:,} rolls in the ledger",
+              "old": f"{args.old_repo.name if args.old_repo else ''}, {args.old_rolls:,} JSON"}
+    for key in names:
+        name, lat = labels[key], sides[key]["lat"]
         print(f"  {name:34}{pct(lat, 0.5) * 1e3:>10.1f}{pct(lat, 0.99) * 1e3:>10.1f}"
               f"{statistics.mean(lat) * 1e3:>10.1f}{rss_warm[key]:>14.1f}{rss_end[key]:>12.1f}")
     growth = rss_end["full"] - rss_end["empty"]
@@ -160,6 +188,10 @@ def main() -> int:
     print(f"  ratio full/empty: p50 {ratio:.2f} (target <= 1.2: {'ok' if ratio <= 1.2 else 'NOT MET'}), "
           f"p99 {p99f / p99e:.2f}; worker RSS full - empty: {growth:+.1f} MB (target <= 20: "
           f"{'ok' if growth <= 20 else 'NOT MET'})")
+    if "old" in sides:
+        o = sides["old"]["lat"]
+        print(f"  previous layout: p50 {pct(o, 0.5) * 1e3:.1f} ms ({pct(o, 0.5) * 1e3 / p50e:.2f} x the empty ledger), "
+              f"worker RSS {rss_end['old']:.1f} MB")
     bad = sides["empty"]["bad"] + sides["full"]["bad"]
     if bad:
         print(f"  {len(bad)} answers not OK with every item sent, first: {bad[:2]}")

@@ -46,10 +46,12 @@ def test_simulate_then_metrics(tmp_path, filefeed_factory):
         m = scrape(srv.url)
         return (total(m, "filefeed_rows_total", outcome="accepted") == report["items"]
                 and total(m, "filefeed_requests_total", route="user_segment_update", code="200") == 400
-                and total(m, "filefeed_requests_total", route="batch_update", code="200") == report["batches"]
-                and total(m, "filefeed_staged_rows", feed_id=FEED) == 0)  # gauges: refreshed every few seconds
+                and total(m, "filefeed_requests_total", route="batch_update", code="200") == report["batches"])
 
-    wait_for(settled, timeout=20, what="both workers' counts in the shared metric files, gauges refreshed")
+    wait_for(settled, timeout=10, what="both workers' counts in the shared metric files")
+    # each worker's gauge thread refreshes every FILEFEED_METRICS_REFRESH_SECONDS: wait until both show the flush
+    wait_for(lambda: all(total(scrape(srv.url), "filefeed_staged_rows", feed_id=FEED) == 0 for _ in range(6)),
+             timeout=30, what="both workers' gauges refreshed")
     scrapes = [scrape(srv.url) for _ in range(6)]
     for m in scrapes:
         assert total(m, "filefeed_rows_total", outcome="accepted") == report["items"]  # accepted = staged

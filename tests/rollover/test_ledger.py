@@ -160,7 +160,7 @@ def test_the_ledger_settings_are_validated_with_the_others() -> None:
     with pytest.raises(SettingsError) as e:
         load_settings(feeds=Path("feeds.toml"), ledger_retention_days=0, flush_concurrency=0,
                       metrics_refresh_seconds=-1)
-    assert {p.split(":")[0] for p in e.value.problems} == {"ledger_retention_days", "flush_concurrency",
-                                                           "metrics_refresh_seconds"}
+    assert {p.split(":")[0].strip() for p in e.value.problems} == {
+        "FILEFEED_LEDGER_RETENTION_DAYS", "FILEFEED_FLUSH_CONCURRENCY", "FILEFEED_METRICS_REFRESH_SECONDS"}
     ok = load_settings(feeds=Path("feeds.toml"), ledger_retention_days=0.5)
     assert ok.ledger_retention_days == 0.5 and ok.flush_concurrency == 8

@@ -72,6 +72,13 @@ class ServiceSettings(BaseSettings):
     flush_check_seconds: float = Field(default=30.0, gt=0)
     batch_wait_seconds: float = Field(default=10.0, gt=0, description="how long batch_update waits for a lease")
     sftp_known_hosts: Path | None = None
+    flush_concurrency: int = Field(default=8, ge=1, le=64, description="partitions `filefeed flush` rolls at once")
+
+    # ledger and metrics
+    ledger_retention_days: float = Field(default=14.0, gt=0, le=3650,
+                                         description="ledger entries older than this are pruned")
+    metrics_refresh_seconds: float = Field(default=5.0, gt=0, le=300,
+                                           description="how often a background thread recomputes the disk gauges")
 
     # slow partners: every destination gets its own bounded lane, every sink call its own deadlines
     batch_deadline_seconds: float = Field(default=20.0, gt=0, le=600,

@@ -33,7 +33,7 @@ from filefeed.protocol import (
     parse_json_body,
     require_str,
 )
-from pipeline import delivery, lanes, scheduler, troubleshoot
+from pipeline import delivery, lanes, ledger, scheduler, troubleshoot
 from pipeline.identifiers import RequestError
 from pipeline.ingest import ingest_update
 from pipeline.staging import Staging
@@ -184,7 +184,12 @@ async def batch_update(plugin: Plugin, body: dict) -> Response:
         return handler_response("batch_update", {"status": "ERROR", "message": f"feed {feed_id} has invalid "
                                                  f"properties: {ctx.error}", "sent_items_in_success": 0,
                                                  "sent_items_in_error": 0})
-    result = await lanes.deliver_within_deadline(plugin.lanes, plugin.staging, ctx, body, plugin.settings)
+    try:
+        result = await lanes.deliver_within_deadline(plugin.lanes, plugin.staging, ctx, body, plugin.settings)
+    except ledger.LedgerError as e:  # locked past its timeout, or the volume is full: nothing was counted yet
+        log.warning("batch_update: %s", e, extra={"route": "batch_update", "outcome": "retry"})
+        result = {"status": "RETRY", "message": str(e)[:1000], "sent_items_in_success": 0, "sent_items_in_error": 0,
+                  "next_msg_delay_in_ms": plugin.settings.retry_delay_ms}
     return handler_response("batch_update", result)
 
 
@@ -272,6 +277,7 @@ async def metadata(request: Request) -> Response:
 
 
 async def metrics_route(request: Request) -> Response:
+    # on the loop: under a millisecond (the counters' few per-process files, and gauges a background thread keeps)
     payload, content_type = metrics.render(request.app.state.plugin.staging)
     return Response(payload, media_type=content_type)
 
@@ -330,7 +336,10 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
         sys.setswitchinterval(0.0002)
         plugin = Plugin(settings, source)
         app.state.plugin = plugin
+        ledger.configure(settings.ledger_retention_days)
+        await run_in_threadpool(ledger.migrate_on_start, settings.staging_dir)  # old published/ folders, once
         await run_in_threadpool(plugin.staging.recover)
+        metrics.start_gauges(plugin.staging, settings.metrics_refresh_seconds)
         plugin.tasks = [
             asyncio.create_task(plugin.staging.run_sealer(), name="sealer"),
             asyncio.create_task(scheduler.run_age_flushes(plugin.staging, plugin.source, settings,
@@ -348,6 +357,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
                 t.cancel()
             await asyncio.gather(*plugin.tasks, return_exceptions=True)
             plugin.lanes.shutdown()
+            await run_in_threadpool(metrics.stop_gauges, plugin.staging)
             await plugin.staging.aclose()
             await plugin.source.aclose()
 

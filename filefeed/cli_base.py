@@ -63,9 +63,10 @@ def settings(*, write: bool = False) -> ServiceSettings:
         except ConfigFileError as e:
             raise OperatorError(f"filefeed: {e}") from None
     check_staging_dir(s.staging_dir, write=write)
-    from pipeline import delivery  # sink deadlines and leftover age, as in the server
+    from pipeline import delivery, ledger  # sink deadlines, leftover age and retention, as in the server
 
     delivery.configure(s)
+    ledger.configure(s.ledger_retention_days)
     return s
 
 

@@ -3,8 +3,9 @@
 `filefeed serve` calls `prepare_multiprocess_dir`, which points PROMETHEUS_MULTIPROC_DIR at `<staging>/run/metrics`
 before any worker starts; counters and histograms then live in per-process files that a scrape of any worker sums.
 Operator commands that roll (`filefeed flush`, `filefeed retry`) call `join_multiprocess_dir`, so the rows they
-publish are counted by the running server too. Staged-data gauges are read from disk at scrape time, so every worker
-reports the same figures.
+publish are counted by the running server too. Staged-data gauges are read from disk by a background thread of each
+worker (`StagingGauges`) and served from memory, so every worker reports the same figures and a scrape never walks
+the disk on the event loop.
 
 Labels never carry a value that came from a feed's properties: feed ids, identifier types (a bounded set), sink
 schemes, route names, error classes and kinds.
@@ -16,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -181,56 +183,153 @@ def observe_error(severity: str, kind: str) -> None:
     _child(ERRORS, severity, kind or "unknown").inc()
 
 
-class StagingCollector:
-    """Gauges computed from the staging folders at scrape time (the same in every worker)."""
+_GAUGES = (
+    ("filefeed_staged_rows", "Rows staged and not yet published"),
+    ("filefeed_staged_bytes", "Bytes staged and not yet published"),
+    ("filefeed_oldest_staged_age_seconds", "Age of the oldest staged row (0: none)"),
+    ("filefeed_pending_rolls", "Rolls started and not finished (resumed by the next roll)"),
+    ("filefeed_failed_rolls", "Rolls in failed/ waiting for `filefeed retry`"),
+)
+_WATCHED = ("open", "sealed", "rolling", "failed")
 
-    def __init__(self, staging: Staging):
+
+class StagingGauges:
+    """The disk gauges, computed by a background thread and served from memory, so a scrape never walks the disk.
+
+    With thousands of partitions a walk takes around a second: on the event loop it stalled every update for that
+    long. The thread refreshes every `interval` seconds; a partition whose state folders did not change since the
+    last pass (same mtimes, no open segment growing) reuses its previous figures, so a pass costs a few `stat` calls
+    per idle partition. Each pass also prunes a bounded number of expired ledger entries.
+    """
+
+    def __init__(self, staging: Staging, interval: float = 5.0):
         self.staging = staging
+        self.interval = interval
+        self._payload: bytes | None = None
+        self._previous: dict[Any, tuple[tuple, tuple]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.passes = 0
+        self.last_pass_seconds = 0.0
 
-    def collect(self):  # noqa: ANN201 - prometheus collector protocol
-        from pipeline.rollover import failed_rolls, iter_partitions, pending_rolls
+    def start(self) -> StagingGauges:
+        self._thread = threading.Thread(target=self._run, name="metrics-gauges", daemon=True)
+        self._thread.start()
+        return self
 
-        rows = GaugeMetricFamily("filefeed_staged_rows", "Rows staged and not yet published", labels=["feed_id"])
-        size = GaugeMetricFamily("filefeed_staged_bytes", "Bytes staged and not yet published", labels=["feed_id"])
-        age = GaugeMetricFamily("filefeed_oldest_staged_age_seconds", "Age of the oldest staged row (0: none)",
-                                labels=["feed_id"])
-        pending = GaugeMetricFamily("filefeed_pending_rolls", "Rolls started and not finished (resumed by the next "
-                                    "roll)", labels=["feed_id"])
-        failed = GaugeMetricFamily("filefeed_failed_rolls", "Rolls in failed/ waiting for `filefeed retry`",
-                                   labels=["feed_id"])
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def payload(self) -> bytes:
+        """The last exposition computed; before the first pass completes, one is computed in the caller's thread."""
+        payload = self._payload
+        return payload if payload is not None else self.refresh()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a bad pass must not end the gauges; the next one tries again
+                log.exception("metrics: computing the staging gauges failed")
+            try:
+                from pipeline import ledger
+
+                ledger.prune(self.staging.root)
+            except Exception:  # noqa: BLE001
+                log.exception("metrics: pruning the ledger failed")
+            self._stop.wait(self.interval)
+
+    def _partition_figures(self, partition: Any) -> tuple:
+        from pipeline.ledger import partition_dir
+        from pipeline.rollover import failed_rolls, pending_rolls
+
+        pdir = partition_dir(self.staging.root, partition)
+        stamp = []
+        for state in _WATCHED:
+            try:
+                stamp.append(os.stat(pdir / state).st_mtime_ns)
+            except FileNotFoundError:
+                stamp.append(0)
+        key = tuple(stamp)
+        previous = self._previous.get(partition)
+        if previous is not None and previous[0] == key and not previous[1][5]:
+            return previous[1]
+        st = self.staging.stats(partition)
+        figures = (st.rows, st.bytes, st.oldest_ts_ms, len(pending_rolls(self.staging.root, partition)),
+                   len(failed_rolls(self.staging.root, partition)), st.open_segments)
+        self._previous[partition] = (key, figures)
+        return figures
+
+    def refresh(self) -> bytes:
+        from pipeline.rollover import iter_partitions
+
+        started = time.perf_counter()
+        families = [GaugeMetricFamily(name, text, labels=["feed_id"]) for name, text in _GAUGES]
         per_feed: dict[str, list[float]] = {}
+        seen = set()
         now = time.time()
-        root = self.staging.root
         # every partition folder, so a feed whose rows were all published reports 0 rather than vanishing
-        for partition in iter_partitions(root):
-            st = self.staging.stats(partition)
+        for partition in iter_partitions(self.staging.root):
+            seen.add(partition)
+            rows, nbytes, oldest_ms, pending, failed, _ = self._partition_figures(partition)
             agg = per_feed.setdefault(partition.feed_id, [0, 0, 0.0, 0, 0])
-            agg[0] += st.rows
-            agg[1] += st.bytes
-            if st.oldest_ts_ms:
-                agg[2] = max(agg[2], now - st.oldest_ts_ms / 1000)
-            agg[3] += len(pending_rolls(root, partition))
-            agg[4] += len(failed_rolls(root, partition))
-        for feed_id, (r, b, a, p, f) in sorted(per_feed.items()):
-            rows.add_metric([feed_id], r)
-            size.add_metric([feed_id], b)
-            age.add_metric([feed_id], max(a, 0.0))
-            pending.add_metric([feed_id], p)
-            failed.add_metric([feed_id], f)
+            agg[0] += rows
+            agg[1] += nbytes
+            if oldest_ms:
+                agg[2] = max(agg[2], now - oldest_ms / 1000)
+            agg[3] += pending
+            agg[4] += failed
+        for gone in set(self._previous) - seen:
+            del self._previous[gone]
+        for feed_id, values in sorted(per_feed.items()):
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([feed_id], max(value, 0))
         disk = GaugeMetricFamily("filefeed_staging_disk_free_bytes", "Free bytes on the staging volume")
         try:
-            st = os.statvfs(root)
+            st = os.statvfs(self.staging.root)
             disk.add_metric([], st.f_bavail * st.f_frsize)
         except OSError:
             pass
-        yield from (rows, size, age, pending, failed, disk)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families([*families, disk]))
+        self._payload = payload = generate_latest(registry)
+        self.passes += 1
+        self.last_pass_seconds = time.perf_counter() - started
+        return payload
+
+
+class _Families:
+    def __init__(self, families: list[Any]):
+        self.families = families
+
+    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+        return self.families
+
+
+_gauges: dict[int, StagingGauges] = {}  # by id(staging): the server's running gauge thread
+
+
+def start_gauges(staging: Staging, interval: float) -> StagingGauges:
+    """Called by the server at start: from now on scrapes of this staging read the gauges from memory."""
+    gauges = _gauges[id(staging)] = StagingGauges(staging, interval).start()
+    return gauges
+
+
+def stop_gauges(staging: Staging) -> None:
+    gauges = _gauges.pop(id(staging), None)
+    if gauges is not None:
+        gauges.stop()
 
 
 def render(staging: Staging) -> tuple[bytes, str]:
-    """The exposition text: counters and histograms of every worker (multiprocess) + gauges read from disk.
+    """The exposition text: counters and histograms of every worker (multiprocess) + the disk gauges.
 
-    Each call builds its own registries, so concurrent scrapes never share state. Other workers' hot-path counts
-    reach the shared files within a second (`run_flusher`).
+    The gauges come from the server's background thread (`start_gauges`); without one (a command, a test) they are
+    computed here. Each call builds its own registries, so concurrent scrapes never share state. Other workers'
+    hot-path counts reach the shared files within a second (`run_flusher`). With the gauges cached this takes under
+    a millisecond, so the server calls it on its event loop (the only thread that adds to the local counts).
     """
     flush_local()
     if os.environ.get(ENV):
@@ -243,9 +342,8 @@ def render(staging: Staging) -> tuple[bytes, str]:
         from prometheus_client import REGISTRY
 
         counters = generate_latest(REGISTRY)
-    gauges = CollectorRegistry(auto_describe=False)
-    gauges.register(StagingCollector(staging))
-    payload = counters + generate_latest(gauges)
+    gauges = _gauges.get(id(staging))
+    payload = counters + (gauges.payload() if gauges is not None else StagingGauges(staging).refresh())
     if log.isEnabledFor(logging.DEBUG):
         log.debug("metrics scraped (%d bytes)", len(payload), extra={"route": "metrics", "outcome": "ok"})
     return payload, CONTENT_TYPE_LATEST

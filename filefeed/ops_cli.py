@@ -395,10 +395,14 @@ def print_outcomes(results: dict[str, dict[str, Any]], skipped: dict[str, str]) 
 @app.command()
 def flush(feed: str | None = typer.Option(None, help="only this feed"),
           dry_run: bool = typer.Option(False, "--dry-run", help="show what would be rolled, change nothing"),
+          concurrency: int | None = typer.Option(None, "--concurrency", min=1, max=64,
+                                                 help="partitions rolled at once (default FILEFEED_FLUSH_CONCURRENCY)"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Roll and publish everything staged now, whatever its age (safe while the server runs). Exit 1 if a roll
     failed or a feed has no valid configuration."""
+    started = time.monotonic()
     settings = checked_settings(write=not dry_run)
+    concurrency = concurrency or settings.flush_concurrency
     parts = _partitions(settings, feed)
     if dry_run:
         from pipeline.rollover import failed_rolls, pending_rolls
@@ -431,15 +435,17 @@ def flush(feed: str | None = typer.Option(None, help="only this feed"),
         def advance(p: Partition, o: Any) -> None:
             progress.update(task, advance=1, description=f"flush {p}")
 
-        report = run_flush(staging, props, parts, progress=advance)
+        report = run_flush(staging, props, parts, progress=advance, concurrency=concurrency)
+    seconds = round(time.monotonic() - started, 2)
     skipped = {**report.skipped, **problems}
     results = {str(p): _outcome(o) for p, o in report.outcomes.items()}
     if as_json:
         print_json({"partitions": results, "skipped_feeds": skipped, "rows": report.rows,
-                    "files": len(report.files)})
+                    "files": len(report.files), "seconds": seconds, "concurrency": concurrency})
     else:
         print_outcomes(results, skipped)
-        out.print(f"flushed {plural(report.rows, 'row')} into {plural(len(report.files), 'file')}")
+        out.print(f"flushed {plural(report.rows, 'row')} into {plural(len(report.files), 'file')} from "
+                  f"{plural(len(report.outcomes), 'partition')} in {seconds:.1f} s ({concurrency} at a time)")
     if report.failed or problems:
         raise typer.Exit(1)
 

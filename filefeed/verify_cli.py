@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,21 @@ from filefeed.ops_cli import _all_partitions, _props_by_feed
 
 if TYPE_CHECKING:  # the command line starts without pyarrow; the commands that need it import it
     from pipeline.model import Partition
+
+
+_ROLL_TIME = re.compile(r"(\d{8})T(\d{6})")  # {batch_id} starts with the roll's time, as does the default {date}T{time}
+
+
+def _beyond_retention(name: str, horizon: float) -> bool:
+    """The name carries a roll time older than the ledger retention: its entry may have been pruned."""
+    m = _ROLL_TIME.search(name.rsplit("/", 1)[-1])
+    if m is None:
+        return False
+    try:
+        planned = datetime.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return False
+    return planned.timestamp() < horizon
 
 
 def _prefixes(template: str, feed_id: str, segments: list[str]) -> list[str]:
@@ -95,9 +112,10 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
 
     Problems: missing (a file the ledger lists is not at the destination), size mismatch, checksum mismatch, manifest disagreement, extra (an object named like this feed's files, by its file_name_template and segments or as a batch manifest, that no ledger entry lists and no roll in progress or in failed/ holds), leftover (a temp file or incomplete multipart upload of the feed's naming older than FILEFEED_LEFTOVER_AGE_SECONDS: a crash mid-upload; the next roll to the destination removes it), unreachable destination, feed without configuration.
 
-    Exit code 0: no problem. Exit code 1: any problem, extra objects included, because under the feed's own naming an unlisted object is a duplicate publish or a lost (or pruned) ledger entry that an operator must look at. With --allow-extra, extras are reported but do not fail (a destination shared with another feed with the same template and segments, or ledger entries pruned on purpose).
+    Exit code 0: no problem. Exit code 1: any problem, extra objects included, because under the feed's own naming an unlisted object is a duplicate publish or a lost ledger entry that an operator must look at. An unlisted object whose name carries a roll time older than the ledger retention (FILEFEED_LEDGER_RETENTION_DAYS) is counted as "beyond retention", not as extra: its entry was pruned. With --allow-extra, extras are reported but do not fail (a destination shared with another feed with the same template and segments).
     """
     from filefeed.remote import sha256_of
+    from pipeline import ledger
     from pipeline.delivery import POOL, find_leftovers
     from pipeline.ledger import Ledger
     from pipeline.naming import name_pattern
@@ -112,6 +130,8 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
                                    for f, why in problems.items()]
     checked = 0
     listed_objects = 0
+    beyond_retention = 0
+    horizon = time.time() - ledger.retention_seconds()
     started = time.monotonic()
     by_feed: dict[str, list[Partition]] = {}
     for p in parts:
@@ -168,8 +188,12 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
                 if candidates:  # rolls may have finished while we listed: look at the ledger again
                     known, in_flight = _known_names(root, fparts)
                 for name, size in sorted(candidates.items()):
-                    if name not in known and name not in in_flight:
-                        found.append({"feed_id": feed_id, "name": name, "problem": "extra", "found": size})
+                    if name in known or name in in_flight:
+                        continue
+                    if _beyond_retention(name, horizon):
+                        beyond_retention += 1  # its ledger entry may have been pruned: nothing to compare with
+                        continue
+                    found.append({"feed_id": feed_id, "name": name, "problem": "extra", "found": size})
                 # leftovers: temp files and incomplete uploads of the feed's naming that a crash left behind
                 for lo in find_leftovers(sink, root, feed_id, fprops, settings.leftover_age_seconds):
                     found.append({"feed_id": feed_id, "name": lo.name, "problem": "leftover",
@@ -179,7 +203,8 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
                           "kind": e.kind})
     POOL.close()
     failing = [f for f in found if not (allow_extra and f["problem"] == "extra")]
-    result = {"checked": checked, "listed": listed_objects, "problems": found, "ok": not failing,
+    result = {"checked": checked, "listed": listed_objects, "beyond_retention": beyond_retention,
+              "problems": found, "ok": not failing,
               "seconds": round(time.monotonic() - started, 2)}
     if as_json:
         print_json(result)
@@ -187,7 +212,9 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
         for pr in found:
             color = "red" if pr in failing else "yellow"
             out.print(f"[{color}]{escape(problem_line(pr))}[/{color}]")
-        out.print(f"verified {plural(checked, 'file')} ({plural(listed_objects, 'object')} listed): "
+        out.print(f"verified {plural(checked, 'file')} ({plural(listed_objects, 'object')} listed"
+                  + (f", {beyond_retention} older than the ledger retention not compared" if beyond_retention else "")
+                  + "): "
                   f"{plural(len(found), 'problem')}"
                   + (" (extras allowed)" if allow_extra and len(failing) != len(found) else ""))
     if failing:

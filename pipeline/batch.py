@@ -30,7 +30,7 @@ from pipeline.layout import FAILED, SEALED, SUFFIX
 from pipeline.layout import FORBIDDEN_RE as _FORBIDDEN
 from pipeline.layout import SEGMENT_NAME_RE as _REF
 from pipeline.layout import roll_folder_holding as _roll_folder_holding
-from pipeline.ledger import atomic_write_bytes, consumed_segments, partition_dir
+from pipeline.ledger import atomic_write_bytes, consumed, partition_dir
 from pipeline.model import OPERATIONS, Partition
 
 if TYPE_CHECKING:
@@ -157,12 +157,12 @@ def locate_segment(staging: Staging, partition: Partition, name: str) -> str | N
     folder = _roll_folder_holding(partition_dir(staging.root, partition), name + SUFFIX)
     if folder is not None:
         return folder
-    if name + SUFFIX in consumed_segments(staging.root, partition):
+    if consumed(staging.root, partition, [name + SUFFIX]):
         return "published"
     return None
 
 
-def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple], consumed: set[str]) -> str:
+def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple]) -> str:
     """Write rows staged by nobody here into a sealed segment whose name is a hash of the rows (idempotent)."""
     lines, payload = encode_lines(rows)
     # the same rows in any order give the same name, so a retried batch finds the segment it staged before
@@ -170,7 +170,8 @@ def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple], cons
     name = f"batch_{digest.hexdigest()[:24]}-00000000"
     pdir = partition_dir(staging.root, partition)
     path = pdir / SEALED / (name + SUFFIX)
-    if name + SUFFIX in consumed or path.exists() or _roll_folder_holding(pdir, name + SUFFIX) is not None:
+    if path.exists() or _roll_folder_holding(pdir, name + SUFFIX) is not None \
+            or consumed(staging.root, partition, [name + SUFFIX]):
         return name
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, encode_frame(payload, len(rows), int(time.time() * 1000)))
@@ -196,8 +197,8 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
     terminal: list[str] = []
     for partition, w in sorted(work.items()):
         pdir = partition_dir(staging.root, partition)
-        consumed = consumed_segments(staging.root, partition)
-        names = [n for n in w.refs if n + SUFFIX not in consumed]
+        published = consumed(staging.root, partition, [n + SUFFIX for n in w.refs])
+        names = [n for n in w.refs if n + SUFFIX not in published]
         states = staging.wait_sealed(partition, names, timeout=settings.batch_wait_seconds) if names else {}
         if any(s == "open" for s in states.values()):
             transient.append(f"{partition}: staged rows still being written")
@@ -207,7 +208,7 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
         # rows to stage now: items without ref, and items whose ref this staging volume does not know
         loose = [row for (row, ref) in w.rows if ref is None or ref in unknown]
         if loose:
-            name = _stage_loose(staging, partition, loose, consumed)
+            name = _stage_loose(staging, partition, loose)
             counted[name] = counted.get(name, 0) + len(loose)
         outcome = delivery.roll(staging.root, partition, ctx.props, wait_seconds=settings.batch_wait_seconds)
         if outcome.status == "busy":
@@ -216,14 +217,14 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
             transient.append(f"{partition}: {outcome.error}")
         elif outcome.status == "terminal":
             terminal.append(f"{partition}: {outcome.error}")
-        consumed = consumed_segments(staging.root, partition)
+        published = consumed(staging.root, partition, [n + SUFFIX for n in counted])
         if ctx.props.delivery_schedule is not None and ctx.props.delivery_mode == "delta":
             # scheduled: durably staged is accepted for the next slot (pipeline/schedule.py), not yet published
             sent += sum(c for n, c in counted.items() if _roll_folder_holding(pdir, n + SUFFIX) != FAILED)
         else:
-            sent += sum(c for n, c in counted.items() if n + SUFFIX in consumed)
+            sent += sum(c for n, c in counted.items() if n + SUFFIX in published)
         if outcome.status in ("published", "nothing") and any(
-                n + SUFFIX not in consumed and _roll_folder_holding(pdir, n + SUFFIX) is not None for n in counted):
+                n + SUFFIX not in published and _roll_folder_holding(pdir, n + SUFFIX) is not None for n in counted):
             terminal.append(f"{partition}: some rows are in failed rolls (see `filefeed status`, `filefeed retry`)")
     result: dict[str, Any] = {"sent_items_in_success": sent, "sent_items_in_error": invalid}
     if transient:

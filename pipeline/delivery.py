@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("filefeed.delivery")
 
-
 class SinkPool:
     """Open sinks by feed configuration; a changed configuration gets new sinks.
 

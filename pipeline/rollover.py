@@ -8,7 +8,7 @@ A roll moves through states on disk, each entered by a rename after an fsync (la
     3. encode     files into `rolling/<roll_id>/out/`, then `encoded.json` (names, rows, bytes, sha256)
     4. publish    each file through the sink (atomic, idempotent by name), a `sent/` marker after each, then the
                   manifest last
-    5. ledger     `published/<roll_id>.json`, then `rolling/<roll_id>/` is removed
+    5. ledger     the roll's row in `ledger.sqlite3` (committed, synchronous=FULL), then `rolling/<roll_id>/` is removed
     6. errors     transient: `rolling/<roll_id>/` stays and the next roll of the partition resumes it first;
                   terminal: it moves to `failed/<roll_id>/` with `reason.json`; `retry_failed` moves it back
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.delivery import LAST_ERROR
-from pipeline.ledger import Ledger, partition_dir, read_json
+from pipeline.ledger import DeliveryTotals, Ledger, partition_dir, read_json
 from pipeline.model import Partition
 from pipeline.rollover import failed_rolls, iter_partitions, pending_rolls
 from pipeline.snapshot import delivery_dirs
@@ -52,9 +52,13 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
     st = staging.stats(partition)
     pdir = partition_dir(staging.root, partition)
     # deliveries: rolls that published files, including a snapshot feed's (listed under its UPSERT partition);
-    # a snapshot feed's apply rolls publish nothing
-    entries = sorted((e for d in delivery_dirs(staging.root, partition) for e in Ledger(d).entries() if e.files),
-                     key=lambda e: e.roll_id)
+    # a snapshot feed's apply rolls publish nothing. One indexed query per folder whatever the history.
+    ledgers = [Ledger(d) for d in delivery_dirs(staging.root, partition)]
+    want = max(deliveries, 1)
+    recent = sorted((e for lg in ledgers for e in lg.last(want) if e.files), key=lambda e: e.roll_id,
+                    reverse=True)[:want]
+    sums = [lg.totals() for lg in ledgers]  # everything ever published, entries pruned by the retention included
+    totals = DeliveryTotals(*(sum(getattr(x, f) for x in sums) for f in ("rolls", "rows", "files", "bytes")))
     failed = []
     for roll_id in failed_rolls(staging.root, partition):
         reason = _read(pdir / "failed" / roll_id / "reason.json") or {}
@@ -62,7 +66,7 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
         failed.append({"roll_id": roll_id, **error_fields(reason),
                        "message": reason.get("message"), "failed_at": reason.get("failed_at"),
                        "attempts": reason.get("attempts"), "rows": encoded.get("rows")})
-    last = entries[-1] if entries else None
+    last = recent[0] if recent else None
     return {
         "segment_id": partition.segment_id,
         "operation": partition.operation,
@@ -74,11 +78,11 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
         "sealed_segments": st.sealed_segments,
         "pending_rolls": len(pending_rolls(staging.root, partition)),
         "failed_rolls": failed,
-        "delivered_rows": sum(e.rows for e in entries),
-        "delivered_files": sum(len(e.files) for e in entries),
-        "delivered_bytes": sum(e.bytes for e in entries),
+        "delivered_rows": totals.rows,
+        "delivered_files": totals.files,
+        "delivered_bytes": totals.bytes,
         "last_delivery": None if last is None else _delivery(last),
-        "recent_deliveries": [_delivery(e) for e in reversed(entries[-deliveries:])] if deliveries > 0 else [],
+        "recent_deliveries": [_delivery(e) for e in recent[:deliveries]] if deliveries > 0 else [],
         "last_error": _last_error(pdir),
     }
 

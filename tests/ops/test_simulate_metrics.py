@@ -49,6 +49,9 @@ def test_simulate_then_metrics(tmp_path, filefeed_factory):
                 and total(m, "filefeed_requests_total", route="batch_update", code="200") == report["batches"])
 
     wait_for(settled, timeout=10, what="both workers' counts in the shared metric files")
+    # each worker's gauge thread refreshes every FILEFEED_METRICS_REFRESH_SECONDS: wait until both show the flush
+    wait_for(lambda: all(total(scrape(srv.url), "filefeed_staged_rows", feed_id=FEED) == 0 for _ in range(6)),
+             timeout=30, what="both workers' gauges refreshed")
     scrapes = [scrape(srv.url) for _ in range(6)]
     for m in scrapes:
         assert total(m, "filefeed_rows_total", outcome="accepted") == report["items"]  # accepted = staged
@@ -81,8 +84,10 @@ def test_simulate_then_metrics(tmp_path, filefeed_factory):
     expected_accepted = report["items"] + len(staged) + 1
     wait_for(lambda: total(scrape(srv.url), "filefeed_rows_total", outcome="accepted") == expected_accepted,
              timeout=10, what="the new rows in the shared metric files")
+    # the staged gauges come from each worker's gauge thread (FILEFEED_METRICS_REFRESH_SECONDS)
+    wait_for(lambda: all(total(scrape(srv.url), "filefeed_staged_rows", feed_id=FEED) == len(staged) + 1
+                         for _ in range(6)), timeout=30, what="both workers' gauges showing the new rows")
     m = scrape(srv.url)
-    assert total(m, "filefeed_staged_rows", feed_id=FEED) == len(staged) + 1
     assert total(m, "filefeed_staged_bytes", feed_id=FEED) > 0
     assert total(m, "filefeed_oldest_staged_age_seconds", feed_id=FEED) >= 0
     assert total(m, "filefeed_rows_total", outcome="rejected", identifier_type="USER_EMAIL") == 1

@@ -8,7 +8,6 @@ found further on. A segment read as unknown would be staged again from the batch
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -16,6 +15,7 @@ import time
 import pytest
 
 from pipeline.batch import locate_segment
+from pipeline.ledger import Ledger, LedgerEntry
 from pipeline.model import Partition
 from pipeline.staging import Staging
 
@@ -27,7 +27,7 @@ def test_a_moving_segment_is_never_unknown(tmp_path):
     st = Staging(root, min_free_bytes=0)
     part = Partition("42", "7", "UPSERT")
     pdir = root / part.relpath
-    for d in ("open", "sealed", "rolling", "published"):
+    for d in ("open", "sealed", "rolling"):
         (pdir / d).mkdir(parents=True)
     stop = threading.Event()
     moved: list[str] = []
@@ -43,11 +43,8 @@ def test_a_moving_segment_is_never_unknown(tmp_path):
             roll = pdir / "rolling" / f"r{i}"
             (roll / "segments").mkdir(parents=True)
             os.rename(pdir / "sealed" / f"{name}.jnl", roll / "segments" / f"{name}.jnl")
-            entry = pdir / "published" / f".r{i}.json.tmp"  # whole or absent, as the ledger writes it
-            entry.write_text(json.dumps({
-                "roll_id": f"r{i}", "partition": str(part), "planned_at": "", "published_at": "", "files": [],
-                "manifest": None, "rows": 1, "bytes": 1, "segments": [f"{name}.jnl"]}))
-            os.rename(entry, pdir / "published" / f"r{i}.json")
+            Ledger(pdir).record(LedgerEntry(roll_id=f"r{i}", partition=str(part), planned_at="", published_at="",
+                                            files=(), manifest=None, rows=1, bytes=1, segments=(f"{name}.jnl",)))
             os.remove(roll / "segments" / f"{name}.jnl")
             os.rmdir(roll / "segments")
             os.rmdir(roll)

@@ -262,22 +262,26 @@ def close_connections() -> None:
 # -- writing -------------------------------------------------------------------------------------------------------
 
 
-def insert_entry(conn: sqlite3.Connection, entry: LedgerEntry, published_ts: float) -> bool:
-    """Add one roll inside the caller's transaction; False when it was there already (nothing counted twice)."""
+def insert_entry(conn: sqlite3.Connection, entry: LedgerEntry, published_ts: float, key: str | None = None) -> bool:
+    """Add one roll inside the caller's transaction; False when it was there already (nothing counted twice).
+
+    `key`: the ledger's partition key, from the folder the roll ran in (`<feed>/<segment>/<op>`); a snapshot roll
+    runs in `<feed>/<segment>/SNAPSHOT` while its entry names the UPSERT partition its files are of."""
+    key = key or entry.partition
     cur = conn.execute(
         "INSERT OR IGNORE INTO rolls (partition, roll_id, published_ts, entry) VALUES (?, ?, ?, ?)",
-        (entry.partition, entry.roll_id, published_ts, json.dumps(entry.to_dict(), separators=(",", ":"))),
+        (key, entry.roll_id, published_ts, json.dumps(entry.to_dict(), separators=(",", ":"))),
     )
     if cur.rowcount != 1:
         return False
     roll = cur.lastrowid
     conn.executemany("INSERT OR IGNORE INTO segments (partition, name, roll) VALUES (?, ?, ?)",
-                     [(entry.partition, name, roll) for name in entry.segments])
+                     [(key, name, roll) for name in entry.segments])
     conn.execute(
         "INSERT INTO totals (partition, rolls, rows, files, bytes) VALUES (?, 1, ?, ?, ?) "
         "ON CONFLICT (partition) DO UPDATE SET rolls = rolls + 1, rows = rows + excluded.rows, "
         "files = files + excluded.files, bytes = bytes + excluded.bytes",
-        (entry.partition, entry.rows, len(entry.files), entry.bytes),
+        (key, entry.rows, len(entry.files), entry.bytes),
     )
     return True
 
@@ -321,7 +325,7 @@ class Ledger:
         """Durably add a published roll (idempotent), and prune a few expired ones in the same transaction."""
         now = time.time()
         with _db(self.root, write=True) as conn:
-            insert_entry(conn, entry, now)
+            insert_entry(conn, entry, now, self.partition)
             _prune_in(conn, now, PRUNE_PER_RECORD)
 
     def entries(self) -> list[LedgerEntry]:

@@ -59,14 +59,11 @@ class FlushReport:
 
 
 def partitions_with_work(root: Path) -> list[Partition]:
-    """Partitions with staged segments, unfinished rolls or failed rolls."""
-    out = []
-    for p in iter_partitions(root):
-        pdir = Path(root) / p.relpath
-        if any((pdir / "sealed").glob("*.jnl")) or any((pdir / "open").glob("*.jnl")) or pending_rolls(root, p) \
-                or failed_rolls(root, p):
-            out.append(p)
-    return out
+    """Partitions with staged rows (sealed, or still in a writer journal), unfinished rolls or failed rolls."""
+    from pipeline.staging.listing import JournalIndex, partitions
+
+    staged = set(partitions(Path(root), JournalIndex(Path(root))))
+    return [p for p in iter_partitions(root) if p in staged or pending_rolls(root, p) or failed_rolls(root, p)]
 
 
 def flush(staging: Staging, props_by_feed: dict[str, FeedProperties], partitions: Iterable[Partition], *,

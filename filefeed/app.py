@@ -34,7 +34,7 @@ from filefeed.protocol import (
     require_str,
 )
 from pipeline import batch, scheduler, troubleshoot
-from pipeline.identifiers import RequestError
+from pipeline.identifiers import RequestError, check_identifier_count
 from pipeline.ingest import ingest_update
 from pipeline.staging import Staging
 
@@ -88,7 +88,8 @@ def feed_endpoint(route: str, handler: FeedHandler, *, creation: bool = False) -
             response = _gateway_unavailable(route, str(e), plugin.settings.retry_delay_ms, creation)
         except Exception as e:  # never a stack trace to the platform, never a dead worker
             log.exception("Something bad happened on %s", route, extra={"route": route})
-            response = error_response(f"internal error ({type(e).__name__})", creation=creation)
+            response = _internal_error(route, f"internal error ({type(e).__name__})", plugin.settings.retry_delay_ms,
+                                       creation)
         elapsed = time.perf_counter() - started
         code = response.status_code
         metrics.observe_request(route, code, elapsed)
@@ -119,10 +120,16 @@ def _log_request(route: str, code: int, elapsed: float, body: Any) -> None:
         logs.log_request(log, route, code, elapsed)
 
 
+def _internal_error(route: str, message: str, delay_ms: int, creation: bool) -> Response:
+    """A surprise: batch_update keeps its own shape (RETRY: nothing is lost, a retried batch is never doubled)."""
+    if route == "batch_update":
+        return handler_response(route, batch.batch_answer("RETRY", message=message, delay_ms=delay_ms))
+    return error_response(message, creation=creation)
+
+
 def _bad_request(route: str, message: str, creation: bool) -> Response:
     if route == "batch_update":
-        return handler_response(route, {"status": "ERROR", "message": message, "sent_items_in_success": 0,
-                                        "sent_items_in_error": 0})
+        return handler_response(route, batch.batch_answer("ERROR", message=message))
     if route in ("troubleshoot", "authentication", "logout", "dynamic_property_values_queries",
                  "authentication_status_queries", "test_authentication"):
         return json_response({"status": "error", "message": message}, 500)
@@ -135,8 +142,7 @@ def _gateway_unavailable(route: str, message: str, delay_ms: int, creation: bool
     if route == "user_segment_update":
         return handler_response(route, {"status": "retry", "message": msg, "next_msg_delay_in_ms": delay_ms})
     if route == "batch_update":
-        return handler_response(route, {"status": "RETRY", "message": msg, "next_msg_delay_in_ms": delay_ms,
-                                        "sent_items_in_success": 0, "sent_items_in_error": 0})
+        return handler_response(route, batch.batch_answer("RETRY", message=msg, delay_ms=delay_ms))
     return error_response(msg, creation=creation)
 
 
@@ -160,6 +166,7 @@ async def external_segment_connection(plugin: Plugin, body: dict) -> Response:
 
 async def user_segment_update(plugin: Plugin, body: dict) -> Response:
     (feed_id,) = require_str(body, "feed_id")
+    check_identifier_count(body.get("user_identifiers"), plugin.settings.max_identifiers_per_update)
     ctx = await plugin.context(feed_id)
     if not ctx.valid:
         return handler_response("user_segment_update", {"status": "error", "message": f"feed {feed_id} has invalid "
@@ -176,9 +183,8 @@ async def batch_update(plugin: Plugin, body: dict) -> Response:
     (feed_id,) = require_str(context, "feed_id")
     ctx = await plugin.context(feed_id)
     if not ctx.valid:
-        return handler_response("batch_update", {"status": "ERROR", "message": f"feed {feed_id} has invalid "
-                                                 f"properties: {ctx.error}", "sent_items_in_success": 0,
-                                                 "sent_items_in_error": 0})
+        return handler_response("batch_update", batch.batch_answer(
+            "ERROR", message=f"feed {feed_id} has invalid properties: {ctx.error}"))
     result = await run_in_threadpool(batch.deliver_batch, plugin.staging, ctx, body, plugin.settings)
     return handler_response("batch_update", result)
 

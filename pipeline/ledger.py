@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,15 @@ class Ledger:
         loaded = self._load()
         return [loaded[k] for k in sorted(loaded)]
 
+    def consumed(self, names: Iterable[str]) -> set[str]:
+        """Which of these segment file names were published."""
+        wanted = set(names)
+        out: set[str] = set()
+        if wanted:
+            for entry in self._load().values():
+                out.update(wanted.intersection(entry.segments))
+        return out
+
     def _load(self) -> dict[str, LedgerEntry]:
         try:
             names = {n[: -len(".json")] for n in os.listdir(self.dir) if n.endswith(".json") and not n.startswith(".")}
@@ -148,6 +157,11 @@ def consumed_segments(root: Path | str, partition: Partition) -> set[str]:
     for entry in Ledger(partition_dir(root, partition)).entries():
         out.update(entry.segments)
     return out
+
+
+def consumed(root: Path | str, partition: Partition, names: Iterable[str]) -> set[str]:
+    """Which of these segment file names (`<writer>-<seq>.jnl`) the ledger lists as published."""
+    return Ledger(partition_dir(root, partition)).consumed(names)
 
 
 def last_deliveries(root: Path | str, partition: Partition, n: int = 10) -> list[LedgerEntry]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from config.feed import FeedProperties
+from pipeline.durable import remove_stale_temps
 from pipeline.encode import EncodedFile, EncodeSpec, encode_batches, read_schema
 from pipeline.ledger import (
     FAILED,
@@ -342,10 +343,39 @@ class _Plan:
         )
 
 
+def _segments_in_rolls(pdir: Path) -> set[str]:
+    """Segment names held by roll folders (rolling/ and failed/) of the partition."""
+    held: set[str] = set()
+    for state in (ROLLING, FAILED):
+        for roll_id in _roll_names(pdir / state):
+            try:
+                held.update(os.listdir(pdir / state / roll_id / "segments"))
+            except FileNotFoundError:
+                continue
+    return held
+
+
+def _drop_copies(pdir: Path, partition: Partition, segments: list[str]) -> list[str]:
+    """Segments that may be planned: not listed by the ledger, not held by another roll folder.
+
+    A batch's loose rows are staged under a name derived from the rows; a copy staged again after the first one was
+    taken by a roll (a racing or replayed batch) must never be published a second time: it is removed here.
+    """
+    copies = Ledger(pdir).consumed(segments) | (set(segments) & _segments_in_rolls(pdir))
+    if not copies:
+        return segments
+    for name in sorted(copies):
+        log.warning("%s: segment %s was already published or is held by a roll: removed, not published again",
+                    partition, name)
+        (pdir / SEALED / name).unlink(missing_ok=True)
+    fsync_dir(pdir / SEALED)
+    return [n for n in segments if n not in copies]
+
+
 def _plan_roll(
     pdir: Path, partition: Partition, props: FeedProperties, now: datetime, datamart_id: str | None
 ) -> _Plan | None:
-    segments = sealed_segments(pdir)
+    segments = _drop_copies(pdir, partition, sealed_segments(pdir))
     if not segments:
         return None
     planned_at = now.astimezone(UTC).replace(microsecond=0)
@@ -671,6 +701,8 @@ def _run_roll(
 
 
 def _clean_hidden_leftovers(pdir: Path) -> None:
+    remove_stale_temps(pdir / SEALED)
+    remove_stale_temps(pdir)
     rolling = pdir / ROLLING
     try:
         names = os.listdir(rolling)

@@ -37,9 +37,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from config.feed import FeedProperties
 from pipeline.durable import remove_stale_temps
-from pipeline.encode import EncodedFile, EncodeSpec, encode_batches, read_schema
+from pipeline.encode import EncodedFile, EncodeSpec
 from pipeline.ledger import (
     FAILED,
     OPEN,
@@ -56,6 +58,7 @@ from pipeline.ledger import (
 )
 from pipeline.model import STAGED_FIELDS, Partition
 from pipeline.naming import NameContext, UnsafeNameError, manifest_name, render_name
+from pipeline.rejects import encode_screened, write_report
 from sinks.base import Sink, SinkError, TerminalError
 
 log = logging.getLogger(__name__)
@@ -456,7 +459,9 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
     out.mkdir()
     paths = [rdir / "segments" / name for name in plan.segments]
     # Only the columns the files show are parsed; the {datamart_id} macro and the manifest take the first row's.
-    batches = staging.iter_batches(paths, chunk_bytes=READ_CHUNK_BYTES, schema=read_schema(plan.spec))
+    def read(schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+        return staging.iter_batches(paths, chunk_bytes=READ_CHUNK_BYTES, schema=schema)
+
     datamart_id = plan.datamart_id
     if datamart_id is None:
         first = staging.first_row(paths)
@@ -471,7 +476,9 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         lease.heartbeat()
         crash_point(f"encode_file:{int(encoded.name.split('-')[1].split('.')[0])}")
 
-    files = encode_batches(batches, plan.spec, constants, out, on_file=on_file)
+    # rows that cannot be encoded are set aside with a report, never failing the roll (pipeline.rejects)
+    files, rejects = encode_screened(read, plan.spec, constants, out, on_file=on_file)
+    write_report(rdir.parent.parent, rejects, plan.roll_id, str(plan.partition))
     context = NameContext(
         partition=plan.partition,
         batch_id=plan.roll_id,
@@ -510,6 +517,7 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         "rows": sum(e["rows"] for e in entries),
         "bytes": sum(e["bytes"] for e in entries),
         "manifest": manifest,
+        "rejected": rejects.count,
     }
     atomic_write_json(rdir / "encoded.json", encoded)
     crash_point("encode")

@@ -33,7 +33,7 @@ from filefeed.protocol import (
     parse_json_body,
     require_str,
 )
-from pipeline import batch, scheduler, troubleshoot
+from pipeline import batch, recent_rows, scheduler, troubleshoot
 from pipeline.identifiers import RequestError, check_identifier_count
 from pipeline.ingest import ingest_update
 from pipeline.staging import Staging
@@ -322,6 +322,7 @@ def routes() -> list[Route]:
 def create_app(settings: ServiceSettings | None = None, source: ContextSource | None = None) -> hotpath.HotRoutes:
     settings = settings or load_settings()
     logs.configure(settings.log_level, settings.staging_dir)
+    recent_rows.configure(settings.dedup_seconds, settings.dedup_max_rows)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -63,6 +63,9 @@ def settings(*, write: bool = False) -> ServiceSettings:
         except ConfigFileError as e:
             raise OperatorError(f"filefeed: {e}") from None
     check_staging_dir(s.staging_dir, write=write)
+    from pipeline import recent_rows  # late: the CLI starts fast
+
+    recent_rows.configure(s.dedup_seconds, s.dedup_max_rows)  # `filefeed flush` rolls like the server
     return s
 
 

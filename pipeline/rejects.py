@@ -95,12 +95,13 @@ def encode_screened(
     out: Path,
     *,
     extra: pa.Schema | None = None,
-    then: BatchFilter | None = None,
+    make_filter: Callable[[], BatchFilter] | None = None,
     on_file: Callable[[EncodedFile], None] | None = None,
-) -> tuple[list[EncodedFile], RejectedRows]:
-    """Encode the rows `read(schema)` yields, minus the rows that cannot be encoded (and what `then` drops).
+) -> tuple[list[EncodedFile], RejectedRows, BatchFilter | None]:
+    """Encode the rows `read(schema)` yields, minus the rows that cannot be encoded and what the filter drops.
 
-    `extra` names staged columns a filter needs beyond what the files show (read as text, except ts).
+    `extra` names staged columns the filter needs beyond what the files show; `make_filter` gives a fresh filter
+    for each read (a second read must not see the first one's rows as seen). Returns the filter that was used.
     """
     from pipeline.staging import CorruptSegment  # late: staging imports the encoders' neighbours
 
@@ -110,8 +111,10 @@ def encode_screened(
             schema = schema.append(f)
     int_ts = pa.types.is_integer(schema.field("ts").type) if "ts" in schema.names else False
     rejects = RejectedRows(int_ts)
+    then = make_filter() if make_filter else None
     try:
-        return encode_batches(_filtered(read(schema), rejects, then), spec, constants, out, on_file=on_file), rejects
+        files = encode_batches(_filtered(read(schema), rejects, then), spec, constants, out, on_file=on_file)
+        return files, rejects, then
     except CorruptSegment as e:
         if e.offset != -1 or not int_ts:
             raise  # a damaged frame, not a value the typed reader refused
@@ -119,8 +122,9 @@ def encode_screened(
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     rejects = RejectedRows(int_ts)
+    then = make_filter() if make_filter else None
     files = encode_batches(_filtered(read(_text_ts(schema)), rejects, then), spec, constants, out, on_file=on_file)
-    return files, rejects
+    return files, rejects, then
 
 
 def _filtered(batches: Iterable[pa.RecordBatch], rejects: RejectedRows, then: BatchFilter | None

@@ -40,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 
 from config.feed import FeedProperties
+from pipeline import recent_rows
 from pipeline.durable import remove_stale_temps
 from pipeline.encode import EncodedFile, EncodeSpec
 from pipeline.ledger import (
@@ -318,6 +319,9 @@ class _Plan:
     template: str
     write_manifest: bool
     datamart_id: str | None
+    # roll-time dedup (pipeline.recent_rows), fixed at plan time so a resumed roll decides the same; 0 = off
+    dedup_seconds: float = 0.0
+    dedup_max_rows: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -330,6 +334,8 @@ class _Plan:
             "file_name_template": self.template,
             "write_manifest": self.write_manifest,
             "datamart_id": self.datamart_id,
+            "dedup_seconds": self.dedup_seconds,
+            "dedup_max_rows": self.dedup_max_rows,
         }
 
     @classmethod
@@ -343,6 +349,8 @@ class _Plan:
             template=str(data["file_name_template"]),
             write_manifest=bool(data["write_manifest"]),
             datamart_id=data.get("datamart_id"),
+            dedup_seconds=float(data.get("dedup_seconds", 0.0)),
+            dedup_max_rows=int(data.get("dedup_max_rows", 0)),
         )
 
 
@@ -400,6 +408,8 @@ def _plan_roll(
         template=props.file_name_template,
         write_manifest=props.write_manifest,
         datamart_id=datamart_id,
+        dedup_seconds=recent_rows.SETTINGS.seconds,
+        dedup_max_rows=recent_rows.SETTINGS.max_rows,
     )
     # The roll folder is built under a hidden name and renamed into place, so rolling/<roll_id>/ never exists
     # without its plan; a hidden leftover of a crash holds no segment and is simply removed.
@@ -476,9 +486,22 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         lease.heartbeat()
         crash_point(f"encode_file:{int(encoded.name.split('-')[1].split('.')[0])}")
 
+    pdir = rdir.parent.parent
+    make_dedup = None
+    if plan.dedup_seconds > 0 and plan.dedup_max_rows > 0:
+        known = recent_rows.RecentRows.load(pdir).known_before(plan.roll_id, _ms(plan.planned_at),
+                                                               int(plan.dedup_seconds * 1000))
+
+        def make_dedup() -> recent_rows.RollDedup:
+            return recent_rows.RollDedup(known, plan.dedup_max_rows)
+
     # rows that cannot be encoded are set aside with a report, never failing the roll (pipeline.rejects)
-    files, rejects = encode_screened(read, plan.spec, constants, out, on_file=on_file)
-    write_report(rdir.parent.parent, rejects, plan.roll_id, str(plan.partition))
+    files, rejects, dedup = encode_screened(read, plan.spec, constants, out, on_file=on_file,
+                                            extra=recent_rows.KEY_SCHEMA if make_dedup else None,
+                                            make_filter=make_dedup)
+    write_report(pdir, rejects, plan.roll_id, str(plan.partition))
+    if isinstance(dedup, recent_rows.RollDedup):
+        recent_rows.save_kept(rdir / recent_rows.KEPT_NAME, dedup.kept_hashes())
     context = NameContext(
         partition=plan.partition,
         batch_id=plan.roll_id,
@@ -518,10 +541,15 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         "bytes": sum(e["bytes"] for e in entries),
         "manifest": manifest,
         "rejected": rejects.count,
+        "duplicates_dropped": dedup.dropped if isinstance(dedup, recent_rows.RollDedup) else 0,
     }
     atomic_write_json(rdir / "encoded.json", encoded)
     crash_point("encode")
     return encoded
+
+
+def _ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
 
 
 def _manifest_body(plan: _Plan, entries: list[dict[str, Any]], datamart_id: str) -> dict[str, Any]:
@@ -606,6 +634,10 @@ def _record_and_clean(pdir: Path, rdir: Path, plan: _Plan, encoded: Mapping[str,
         bytes=int(encoded["bytes"]),
         segments=tuple(plan.segments),
     )
+    kept = recent_rows.load_kept(rdir / recent_rows.KEPT_NAME)
+    if kept is not None:  # before the ledger entry: once it exists the roll folder (and `kept`) may be gone
+        recent_rows.RecentRows.load(pdir).merged(plan.roll_id, _ms(plan.planned_at), kept,
+                                                 int(plan.dedup_seconds * 1000), plan.dedup_max_rows).save(pdir)
     Ledger(pdir).record(entry)
     crash_point("ledger")
     _remove_roll_dir(rdir)

@@ -139,3 +139,29 @@ def test_verify_reports_rows_published_twice(group, tmp_path, local_feed):
     p = run_cli(srv.env, "verify")
     assert p.returncode == 1, p.stdout + p.stderr
     assert "duplicate publish" in p.stdout, p.stdout + p.stderr
+
+
+def test_a_platform_retry_on_another_worker_is_delivered_once(group, tmp_path, local_feed):
+    """300 updates each sent twice on new connections to 2 workers. Before: 308 duplicate rows of 600 (the dedup
+    window was per worker process)."""
+    from tests.reliability.helpers import update_body
+
+    out_dir = tmp_path / "delivery"
+    srv = group.start(feeds={"42": local_feed}, workers=2)
+    bodies = [orjson.dumps(update_body([f"r{i}"])) for i in range(300)]
+    pids: set[str] = set()
+
+    def send(body: bytes) -> str:
+        with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
+            r = c.post("/v1/user_segment_update", content=body)
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["content"]["ref"].split("-")[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        pids.update(pool.map(send, bodies + bodies))
+    assert len(pids) == 2, "both workers should have staged rows"
+    delivered = flush_and_read(srv, out_dir)
+    check = delivered.check({("7", "UPSERT", f"r{i}") for i in range(300)})
+    record_summary("exactly_once_cross_worker_retry", {"updates": 300, "sent": 600, **check})
+    assert check["duplicated"] == 0, delivered.duplicates()
+    assert check["lost"] == 0

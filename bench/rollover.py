@@ -12,6 +12,7 @@ segments of several writers), then for each case:
   * raw-mt (CSV only, for information): the same direct write with the roll's own codec threads (isal's threaded
     igzip, zstandard with 2 threads). A roll compresses on both cores; this shows what its journal read still costs.
 The ratios are what to compare across runs (on a shared machine absolute figures vary by about +-30 %).
+  * roll-nodedup: the same roll with roll-time dedup off (FILEFEED_DEDUP_SECONDS=0); "dedup cost" is roll/roll-nodedup.
 Targets: CSV+gzip >= 1.5 M rows/s, Parquet+zstd >= 1.2 M rows/s, each >= 70 % of raw, peak RSS < 300 MB.
 """
 
@@ -89,11 +90,15 @@ def stage(master: Path, rows: int, frame_rows: int) -> list[Path]:
     return paths
 
 
-def child_roll(master: Path, work: Path, fmt: str, compression: str) -> dict:
+def child_roll(master: Path, work: Path, fmt: str, compression: str, dedup: bool = True) -> dict:
     from config.feed import FeedProperties
+    from pipeline import recent_rows
     from pipeline.model import Partition
     from pipeline.rollover import roll_partition
     from sinks import open_sink
+
+    # the service's default (FILEFEED_DEDUP_SECONDS=600), or off for the dedup-cost baseline
+    recent_rows.configure(600.0 if dedup else 0.0, recent_rows.DEFAULT_MAX_ROWS)
 
     partition = Partition(FEED, SEGMENT, OPERATION)
     root, dest = work / "root", work / "dest"
@@ -178,7 +183,11 @@ def child_raw_mt(master: Path, work: Path, fmt: str, compression: str) -> dict:
     return child_raw(master, work, fmt, compression, threaded=True)
 
 
-CHILDREN = {"roll": child_roll, "raw": child_raw, "raw-mt": child_raw_mt}
+def child_roll_nodedup(master: Path, work: Path, fmt: str, compression: str) -> dict:
+    return child_roll(master, work, fmt, compression, dedup=False)
+
+
+CHILDREN = {"roll": child_roll, "roll-nodedup": child_roll_nodedup, "raw": child_raw, "raw-mt": child_raw_mt}
 
 
 def run_child(mode: str, master: Path, work: Path, case: str) -> dict:
@@ -228,17 +237,19 @@ def main() -> int:
         )
         print(
             f"{'case':<14}{'roll rows/s':>14}{'raw rows/s':>14}{'ratio':>8}{'peak RSS':>11}{'out MB':>9}"
-            f"{'raw-mt rows/s':>16}{'ratio':>7}  verdict"
+            f"{'raw-mt rows/s':>16}{'ratio':>7}{'dedup cost':>12}  verdict"
         )
         results = []
         failed = False
         for case in cases:
             runs = {}
-            for mode in CHILDREN if CASES[case][0] == "csv" else ("roll", "raw"):
+            for mode in CHILDREN if CASES[case][0] == "csv" else ("roll", "roll-nodedup", "raw"):
                 runs[mode] = run_child(mode, workdir / "master", workdir / f"{mode}-{case}", case)
                 shutil.rmtree(workdir / f"{mode}-{case}", ignore_errors=True)
                 os.sync()  # each child starts without the previous one's writeback
             roll, raw, raw_mt = runs["roll"], runs["raw"], runs.get("raw-mt")
+            # roll-time dedup (pipeline.recent_rows): the same roll with FILEFEED_DEDUP_SECONDS=0, same command
+            nodedup_rate = runs["roll-nodedup"]["rows"] / runs["roll-nodedup"]["seconds"]
             roll_rate = roll["rows"] / roll["seconds"]
             raw_rate = raw["rows"] / raw["seconds"]
             ratio = roll_rate / raw_rate
@@ -259,7 +270,7 @@ def main() -> int:
             print(
                 f"{case:<14}{roll_rate / 1e6:>12.2f} M{raw_rate / 1e6:>12.2f} M{ratio:>8.0%}"
                 f"{roll['peak_rss_mb']:>8.0f} MB{roll['bytes'] / 1e6:>9.0f}{mt}"
-                f"  {'; '.join(problems) or 'ok'}"
+                f"{roll_rate / nodedup_rate:>12.0%}  {'; '.join(problems) or 'ok'}"
             )
             results.append({"case": case, **runs, "ratio": ratio, "problems": problems})
         if args.json:

@@ -127,14 +127,6 @@ def row_hashes(batch: pa.RecordBatch) -> np.ndarray:
     return _mix(h)
 
 
-def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    if not len(sorted_set):
-        return np.zeros(len(values), bool)
-    pos = np.searchsorted(sorted_set, values)
-    pos[pos == len(sorted_set)] = 0
-    return sorted_set[pos] == values
-
-
 class RecentRows:
     """The partition's store: hashes of rows published by recent rolls."""
 
@@ -200,47 +192,75 @@ class RecentRows:
         atomic_write_bytes(pdir / STORE_NAME, sink.getvalue().to_pybytes())
 
 
+class _HashSet:
+    """A fixed-size open-addressing set of uint64 hashes, probed for a whole batch at once (linear probing).
+
+    0 marks an empty slot: a real hash of 0 is stored as 1 (one more collision in 2**64). Sized for at most
+    `capacity` members at a load of at most 1/2, so probes stay short; once full, nothing more is added.
+    """
+
+    def __init__(self, capacity: int):
+        size = 1 << max(10, (2 * max(capacity, 1) - 1).bit_length())
+        self.table = np.zeros(size, np.uint64)
+        self.mask = np.uint64(size - 1)
+        self.capacity = capacity
+        self.size = 0
+
+    def add_new(self, h: np.ndarray) -> np.ndarray:
+        """Add the distinct hashes `h`; True where one was not a member yet (added, or it would be when full)."""
+        h = np.where(h == 0, np.uint64(1), h)
+        table, mask = self.table, self.mask
+        pos = h & mask
+        new = np.zeros(len(h), bool)
+        todo = np.arange(len(h))
+        room = self.size < self.capacity
+        while len(todo):
+            slot = table[pos[todo]]
+            found = slot == h[todo]
+            empty = slot == 0
+            if room and empty.any():
+                cand = todo[empty]
+                table[pos[cand]] = h[cand]  # two candidates for one slot: the last write wins, the other probes on
+                won = table[pos[cand]] == h[cand]
+                new[cand[won]] = True
+                self.size += int(np.count_nonzero(won))
+                empty[np.flatnonzero(empty)[~won]] = False
+            elif empty.any():
+                new[todo[empty]] = True  # full: not remembered, but not a duplicate of anything seen
+            done = found | empty
+            todo = todo[~done]
+            pos[todo] = (pos[todo] + np.uint64(1)) & mask
+            room = room and self.size < self.capacity
+        return new
+
+
 class RollDedup:
     """The filter one roll applies to its batches: drops rows seen earlier in the roll or in the store's window."""
 
     def __init__(self, known: np.ndarray, max_rows: int):
-        self.known = known
         self.max_rows = max_rows
-        self.levels: list[np.ndarray] = []  # sorted hashes this roll kept, in a few levels merged by size
+        self.seen = _HashSet(len(known) + max_rows)
+        self.seen.add_new(np.unique(known))
+        self.kept: list[np.ndarray] = []  # hashes this roll kept, in row order
         self.dropped = 0
 
     def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if not batch.num_rows:
             return batch
         h = row_hashes(batch)
-        order = np.argsort(h, kind="stable")
-        s = h[order]
-        first = np.ones(len(s), bool)
-        first[1:] = s[1:] != s[:-1]
+        distinct, first = np.unique(h, return_index=True)
         keep = np.zeros(len(h), bool)
-        keep[order[first]] = True  # the first of equal rows in the batch
-        seen = _in_sorted(h, self.known)
-        for level in self.levels:
-            seen |= _in_sorted(h, level)
-        keep &= ~seen
+        keep[first[self.seen.add_new(distinct)]] = True  # the first of equal rows, when nothing before had it
         kept = int(np.count_nonzero(keep))
         self.dropped += len(h) - kept
-        self._remember(np.sort(h[keep]))
+        self.kept.append(h[keep])
         return batch if kept == len(h) else batch.filter(pa.array(keep))
 
-    def _remember(self, new: np.ndarray) -> None:
-        self.levels.append(new)
-        while len(self.levels) > 1 and len(self.levels[-2]) <= 2 * len(self.levels[-1]):
-            top = self.levels.pop()
-            self.levels[-1] = np.sort(np.concatenate([self.levels[-1], top]), kind="stable")
-        while sum(len(x) for x in self.levels) > self.max_rows and len(self.levels) > 1:
-            self.levels.pop(0)  # a huge roll: only its newest rows stay comparable
-
     def kept_hashes(self) -> np.ndarray:
-        if not self.levels:
+        """The newest `max_rows` hashes this roll kept, sorted."""
+        if not self.kept:
             return np.zeros(0, np.uint64)
-        out = np.concatenate(self.levels)
-        return np.sort(out[-self.max_rows:])
+        return np.sort(np.concatenate(self.kept)[-self.max_rows:])
 
 
 def save_kept(path: Path, hashes: np.ndarray) -> None:

@@ -133,11 +133,19 @@ def make_machine(tmp: Path, totals: dict[str, int]) -> type[RuleBasedStateMachin
                 self._post(server, "/v1/batch_update", which.choice(self.batches))
                 totals["batches"] += 1
 
+        @rule(server=st.integers(0, 1), n=st.integers(1, 5))
+        def another_update(self, server: int, n: int) -> None:
+            self.update(server, n)
+
+        @rule(server=st.integers(0, 1), n=st.integers(1, 8))
+        def another_refless_batch(self, server: int, n: int) -> None:
+            self.refless_batch(server, n)
+
         @rule(server=st.integers(0, 1))
         def pause_or_resume(self, server: int) -> None:
             proc = self.servers[server].proc
-            if proc.poll() is not None:
-                return
+            if proc.poll() is not None or (not self.paused[server] and self.paused[1 - server]):
+                return  # one process stays live, so the other rules keep doing something
             os.kill(proc.pid, signal.SIGCONT if self.paused[server] else signal.SIGSTOP)
             self.paused[server] = not self.paused[server]
             totals["pauses"] += 1
@@ -152,6 +160,7 @@ def make_machine(tmp: Path, totals: dict[str, int]) -> type[RuleBasedStateMachin
             self.servers[server] = self._start()
             totals["kills"] += 1
 
+        @precondition(lambda self: self.items)
         @rule()
         def flush(self) -> None:
             run_cli(self.servers[0].env, "flush", timeout=120)

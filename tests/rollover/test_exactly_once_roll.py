@@ -10,8 +10,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
-
 from pipeline.ledger import consumed_segments
 from pipeline.model import Partition
 from pipeline.rollover import failed_rolls, retry_failed, roll_partition
@@ -22,18 +20,6 @@ from tests.rollover.helpers import ScriptedSink, destination_rows, make_rows, pr
 P = Partition("feed-1", "seg-1", "UPSERT")
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 LOOSE = "batch_0123456789abcdef01234567-00000000.jnl"
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "staging"
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Path:
-    d = tmp_path / "dest"
-    d.mkdir()
-    return d
 
 
 def test_a_segment_the_ledger_lists_is_removed_not_published_again(root: Path, dest: Path) -> None:

@@ -25,18 +25,6 @@ NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 POISON = [10**25, 2**63, -1, MAX_TS_MS + 1]
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "staging"
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Path:
-    d = tmp_path / "dest"
-    d.mkdir()
-    return d
-
-
 def _stage_with_poison(root: Path) -> None:
     rows = make_rows(50)
     for i, ts in enumerate(POISON):  # what an older version could stage

@@ -41,18 +41,6 @@ P = Partition("feed-1", "seg-1", "UPSERT")
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "staging"
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Path:
-    d = tmp_path / "dest"
-    d.mkdir()
-    return d
-
-
 def ids(rows: list[dict[str, str]]) -> list[str]:
     return sorted(r["identifier"] for r in rows)
 

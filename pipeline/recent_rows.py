@@ -202,35 +202,38 @@ class _HashSet:
     def __init__(self, capacity: int):
         size = 1 << max(10, (2 * max(capacity, 1) - 1).bit_length())
         self.table = np.zeros(size, np.uint64)
+        self.claim = np.zeros(size, np.int64)  # which row of the current batch claimed an empty slot
         self.mask = np.uint64(size - 1)
         self.capacity = capacity
         self.size = 0
 
     def add_new(self, h: np.ndarray) -> np.ndarray:
-        """Add the distinct hashes `h`; True where one was not a member yet (added, or it would be when full)."""
+        """Add the hashes `h` (repeats allowed); True for exactly one row of each hash that was not a member."""
         h = np.where(h == 0, np.uint64(1), h)
-        table, mask = self.table, self.mask
+        table, claim, mask = self.table, self.claim, self.mask
         pos = h & mask
         new = np.zeros(len(h), bool)
         todo = np.arange(len(h))
-        room = self.size < self.capacity
         while len(todo):
-            slot = table[pos[todo]]
-            found = slot == h[todo]
+            p = pos[todo]
+            slot = table[p]
             empty = slot == 0
-            if room and empty.any():
-                cand = todo[empty]
-                table[pos[cand]] = h[cand]  # two candidates for one slot: the last write wins, the other probes on
-                won = table[pos[cand]] == h[cand]
-                new[cand[won]] = True
-                self.size += int(np.count_nonzero(won))
-                empty[np.flatnonzero(empty)[~won]] = False
-            elif empty.any():
-                new[todo[empty]] = True  # full: not remembered, but not a duplicate of anything seen
-            done = found | empty
+            lost = np.zeros(len(todo), bool)
+            if empty.any():
+                cand, cp = todo[empty], p[empty]
+                if self.size < self.capacity:
+                    claim[cp[::-1]] = cand[::-1]  # one row wins each empty slot: the last write, the first row
+                    won = claim[cp] == cand
+                    table[cp[won]] = h[cand[won]]
+                    new[cand[won]] = True
+                    self.size += int(np.count_nonzero(won))
+                    lost[np.flatnonzero(empty)[~won]] = True  # looks at the same slot again: maybe its twin won it
+                else:
+                    new[cand] = True  # full: not remembered, but seen nowhere before
+            done = (empty & ~lost) | (slot == h[todo])
+            advance = ~done & ~lost
+            pos[todo[advance]] = (pos[todo[advance]] + np.uint64(1)) & mask
             todo = todo[~done]
-            pos[todo] = (pos[todo] + np.uint64(1)) & mask
-            room = room and self.size < self.capacity
         return new
 
 
@@ -240,7 +243,7 @@ class RollDedup:
     def __init__(self, known: np.ndarray, max_rows: int):
         self.max_rows = max_rows
         self.seen = _HashSet(len(known) + max_rows)
-        self.seen.add_new(np.unique(known))
+        self.seen.add_new(known)
         self.kept: list[np.ndarray] = []  # hashes this roll kept, in row order
         self.dropped = 0
 
@@ -248,9 +251,7 @@ class RollDedup:
         if not batch.num_rows:
             return batch
         h = row_hashes(batch)
-        distinct, first = np.unique(h, return_index=True)
-        keep = np.zeros(len(h), bool)
-        keep[first[self.seen.add_new(distinct)]] = True  # the first of equal rows, when nothing before had it
+        keep = self.seen.add_new(h)  # one row of each hash nothing before had (in the roll or the window)
         kept = int(np.count_nonzero(keep))
         self.dropped += len(h) - kept
         self.kept.append(h[keep])

@@ -127,14 +127,37 @@ def encode_screened(
     return files, rejects, then
 
 
+# A filter works on batches of at least this many rows: the parser's batches hold a few thousand rows, and a
+# vectorised filter pays a fixed cost per call (measured: about half of the dedup's time on 4,000-row batches).
+FILTER_ROWS = 65_536
+
+
 def _filtered(batches: Iterable[pa.RecordBatch], rejects: RejectedRows, then: BatchFilter | None
               ) -> Iterator[pa.RecordBatch]:
+    if then is None:
+        for batch in batches:
+            batch = rejects.screen(batch)
+            if batch.num_rows:
+                yield batch
+        return
+    group: list[pa.RecordBatch] = []
+    rows = 0
     for batch in batches:
         batch = rejects.screen(batch)
-        if then is not None:
-            batch = then(batch)
-        if batch.num_rows:
-            yield batch
+        group.append(batch)
+        rows += batch.num_rows
+        if rows >= FILTER_ROWS:
+            yield from _apply(then, group)
+            group, rows = [], 0
+    if rows:
+        yield from _apply(then, group)
+
+
+def _apply(then: BatchFilter, group: list[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    batch = group[0] if len(group) == 1 else pa.Table.from_batches(group).combine_chunks().to_batches()[0]
+    batch = then(batch)
+    if batch.num_rows:
+        yield batch
 
 
 def write_report(pdir: Path, rejects: RejectedRows, roll_id: str, partition: str) -> Path | None:

@@ -67,6 +67,7 @@ def make_machine(tmp: Path, totals: dict[str, int]) -> type[RuleBasedStateMachin
             self.items: list[dict] = []  # BATCH_DELIVERY contents answered (with refs)
             self.updates: list[bytes] = []
             self.batches: list[bytes] = []
+            self.last_kill = -5  # a kill restarts a server (seconds): at most one every 5 steps keeps examples short
 
         def _start(self):
             return self.group.start(feeds=self.feeds, env=ENV, staging=self.staging)
@@ -150,8 +151,10 @@ def make_machine(tmp: Path, totals: dict[str, int]) -> type[RuleBasedStateMachin
             self.paused[server] = not self.paused[server]
             totals["pauses"] += 1
 
+        @precondition(lambda self: totals["steps"] - self.last_kill >= 5)
         @rule(server=st.integers(0, 1))
         def kill_and_restart(self, server: int) -> None:
+            self.last_kill = totals["steps"]
             srv = self.servers[server]
             if self.paused[server]:
                 os.kill(srv.proc.pid, signal.SIGCONT)
@@ -168,6 +171,7 @@ def make_machine(tmp: Path, totals: dict[str, int]) -> type[RuleBasedStateMachin
 
         @invariant()
         def nothing_published_twice(self) -> None:
+            totals["steps"] += 1
             delivered = read_local(self.out)
             assert not delivered.duplicates(), delivered.duplicates()
 
@@ -193,7 +197,7 @@ def make_machine(tmp: Path, totals: dict[str, int]) -> type[RuleBasedStateMachin
 
 
 def test_exactly_once_under_interleaved_updates_batches_pauses_kills_and_flushes(tmp_path):
-    totals = dict.fromkeys(("updates", "retries", "batches", "pauses", "kills", "flushes", "acked_rows",
+    totals = dict.fromkeys(("steps", "updates", "retries", "batches", "pauses", "kills", "flushes", "acked_rows",
                             "delivered_rows"), 0)
     machine = make_machine(tmp_path, totals)
     run_state_machine_as_test(machine, settings=settings(

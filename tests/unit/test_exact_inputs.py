@@ -95,3 +95,29 @@ def test_batch_answer_has_the_protocol_shape() -> None:
     assert batch_answer("RETRY", message="busy", delay_ms=5) == {
         "status": "RETRY", "sent_items_in_success": 0, "sent_items_in_error": 0, "message": "busy",
         "next_msg_delay_in_ms": 5}
+
+
+def test_an_unexpected_batch_failure_still_answers_in_the_batch_shape(tmp_path: Path, monkeypatch) -> None:
+    """Before: a bare 500 {"status":"error"} (e.g. FileNotFoundError from a shared temp name)."""
+    import orjson
+    from starlette.testclient import TestClient
+
+    from config.settings import ServiceSettings
+    from filefeed.app import create_app
+    from pipeline import batch
+    from tests.conftest import write_feeds
+
+    feeds = write_feeds(tmp_path / "feeds.toml", {"42": {"destination_uri": (tmp_path / "out").as_uri()}})
+    settings = ServiceSettings(feeds=feeds, staging_dir=tmp_path / "staging", min_free_bytes=0)
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("a temp file vanished")
+
+    monkeypatch.setattr(batch, "deliver_batch", broken)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/batch_update", content=orjson.dumps(
+            {"batch_content": [], "context": {"feed_id": "42", "segment_id": "7", "grouping_key": "UPSERT"}}))
+    assert r.status_code == 503
+    assert r.json() == {"status": "RETRY", "sent_items_in_success": 0, "sent_items_in_error": 0,
+                        "message": "internal error (FileNotFoundError)"}
+    assert r.headers["x-mics-next-msg-delay"]

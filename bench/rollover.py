@@ -12,6 +12,9 @@ segments of several writers), then for each case:
   * raw-mt (CSV only, for information): the same direct write with the roll's own codec threads (isal's threaded
     igzip, zstandard with 2 threads). A roll compresses on both cores; this shows what its journal read still costs.
 The ratios are what to compare across runs (on a shared machine absolute figures vary by about +-30 %).
+  * roll-nodedup: the same roll with roll-time dedup off (FILEFEED_DEDUP_SECONDS=0), alternating with `roll` for
+    --dedup-rounds rounds (the fastest of each counts); "dedup cost" is the rate ratio roll/roll-nodedup and the
+    ratio of their CPU seconds.
 Targets: CSV+gzip >= 1.5 M rows/s, Parquet+zstd >= 1.2 M rows/s, each >= 70 % of raw, peak RSS < 300 MB.
 """
 
@@ -104,25 +107,30 @@ def link_staged(master: Path, work: Path) -> tuple[Any, Path, Path]:
     return partition, root, dest
 
 
-def child_roll(master: Path, work: Path, fmt: str, compression: str) -> dict:
+def child_roll(master: Path, work: Path, fmt: str, compression: str, dedup: bool = True) -> dict:
     from config.feed import FeedProperties
+    from pipeline import recent_rows
     from pipeline.rollover import roll_partition
     from sinks import open_sink
 
+    # the service's default (FILEFEED_DEDUP_SECONDS=600), or off for the dedup-cost baseline
+    recent_rows.configure(600.0 if dedup else 0.0, recent_rows.DEFAULT_MAX_ROWS)
     partition, root, dest = link_staged(master, work)
     props = FeedProperties(
         destination_uri=f"file://{dest}", file_format=fmt, compression=compression, max_rows_per_file=5_000_000
     )
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with open_sink(props) as sink:
         outcome = roll_partition(root, partition, props, sink, now=datetime.now(UTC))
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     if outcome.status != "published":
         raise SystemExit(f"roll failed: {outcome}")
     out_bytes = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     return {
         "rows": outcome.rows,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "files": len(outcome.files),
         "bytes": out_bytes,
         "peak_rss_mb": peak_rss_mb(),
@@ -186,7 +194,11 @@ def child_raw_mt(master: Path, work: Path, fmt: str, compression: str) -> dict:
     return child_raw(master, work, fmt, compression, threaded=True)
 
 
-CHILDREN = {"roll": child_roll, "raw": child_raw, "raw-mt": child_raw_mt}
+def child_roll_nodedup(master: Path, work: Path, fmt: str, compression: str) -> dict:
+    return child_roll(master, work, fmt, compression, dedup=False)
+
+
+CHILDREN = {"roll": child_roll, "roll-nodedup": child_roll_nodedup, "raw": child_raw, "raw-mt": child_raw_mt}
 
 
 def run_json_child(args: list[str], what: str) -> dict:
@@ -210,6 +222,7 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder, removed at the end")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument("--dedup-rounds", type=int, default=2, help="interleaved rounds of roll / roll-nodedup")
     for mode in CHILDREN:
         parser.add_argument(f"--child-{mode}", nargs=4, metavar=("MASTER", "WORK", "FORMAT", "COMPRESSION"))
     args = parser.parse_args()
@@ -237,17 +250,25 @@ def main() -> int:
         )
         print(
             f"{'case':<14}{'roll rows/s':>14}{'raw rows/s':>14}{'ratio':>8}{'peak RSS':>11}{'out MB':>9}"
-            f"{'raw-mt rows/s':>16}{'ratio':>7}  verdict"
+            f"{'raw-mt rows/s':>16}{'ratio':>7}{'dedup cost':>12}  verdict"
         )
         results = []
         failed = False
         for case in cases:
-            runs = {}
-            for mode in CHILDREN if CASES[case][0] == "csv" else ("roll", "raw"):
-                runs[mode] = run_child(mode, workdir / "master", workdir / f"{mode}-{case}", case)
+            runs: dict[str, dict] = {}
+            modes = list(CHILDREN if CASES[case][0] == "csv" else ("roll", "roll-nodedup", "raw"))
+            # roll and roll-nodedup alternate for --dedup-rounds rounds; the fastest run of each counts
+            schedule = ["roll", "roll-nodedup"] * args.dedup_rounds + [m for m in modes if not m.startswith("roll")]
+            for mode in schedule:
+                run = run_child(mode, workdir / "master", workdir / f"{mode}-{case}", case)
+                if mode not in runs or run["seconds"] < runs[mode]["seconds"]:
+                    runs[mode] = run
                 shutil.rmtree(workdir / f"{mode}-{case}", ignore_errors=True)
                 os.sync()  # each child starts without the previous one's writeback
             roll, raw, raw_mt = runs["roll"], runs["raw"], runs.get("raw-mt")
+            # roll-time dedup (pipeline.recent_rows): the same roll with FILEFEED_DEDUP_SECONDS=0, same command
+            nodedup_rate = runs["roll-nodedup"]["rows"] / runs["roll-nodedup"]["seconds"]
+            cpu_cost = runs["roll"]["cpu_seconds"] / runs["roll-nodedup"]["cpu_seconds"]
             roll_rate = roll["rows"] / roll["seconds"]
             raw_rate = raw["rows"] / raw["seconds"]
             ratio = roll_rate / raw_rate
@@ -268,7 +289,7 @@ def main() -> int:
             print(
                 f"{case:<14}{roll_rate / 1e6:>12.2f} M{raw_rate / 1e6:>12.2f} M{ratio:>8.0%}"
                 f"{roll['peak_rss_mb']:>8.0f} MB{roll['bytes'] / 1e6:>9.0f}{mt}"
-                f"  {'; '.join(problems) or 'ok'}"
+                f"{roll_rate / nodedup_rate:>12.0%} (cpu x{cpu_cost:.2f})  {'; '.join(problems) or 'ok'}"
             )
             results.append({"case": case, **runs, "ratio": ratio, "problems": problems})
         if args.json:

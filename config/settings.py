@@ -60,6 +60,10 @@ class ServiceSettings(BaseSettings):
     seal_after_seconds: float = Field(default=1.0, gt=0, le=300)
     max_segment_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     dedup_window: int = Field(default=200_000, ge=0)
+    dedup_seconds: float = Field(default=600.0, ge=0, description="rolls drop rows published this recently (0 = off)")
+    dedup_max_rows: int = Field(default=1_000_000, ge=1, description="row hashes kept per partition for that")
+    max_identifiers_per_update: int = Field(
+        default=2_000, ge=1, description="user_segment_update with more user_identifiers is answered error")
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     max_staged_bytes: int | None = Field(default=None, ge=1)
     max_open_files: int = Field(default=16, ge=3, le=4096, description="descriptors one worker's staging may hold: its "

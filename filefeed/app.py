@@ -33,8 +33,8 @@ from filefeed.protocol import (
     parse_json_body,
     require_str,
 )
-from pipeline import delivery, lanes, ledger, scheduler, troubleshoot
-from pipeline.identifiers import RequestError
+from pipeline import batch, delivery, lanes, ledger, recent_rows, scheduler, troubleshoot
+from pipeline.identifiers import RequestError, check_identifier_count
 from pipeline.ingest import ingest_update
 from pipeline.staging import Staging
 
@@ -93,7 +93,8 @@ def feed_endpoint(route: str, handler: FeedHandler, *, creation: bool = False) -
             response = _gateway_unavailable(route, str(e), plugin.settings.retry_delay_ms, creation)
         except Exception as e:  # never a stack trace to the platform, never a dead worker
             log.exception("Something bad happened on %s", route, extra={"route": route})
-            response = error_response(f"internal error ({type(e).__name__})", creation=creation)
+            response = _internal_error(route, f"internal error ({type(e).__name__})", plugin.settings.retry_delay_ms,
+                                       creation)
         elapsed = time.perf_counter() - started
         code = response.status_code
         metrics.observe_request(route, code, elapsed)
@@ -124,10 +125,16 @@ def _log_request(route: str, code: int, elapsed: float, body: Any) -> None:
         logs.log_request(log, route, code, elapsed)
 
 
+def _internal_error(route: str, message: str, delay_ms: int, creation: bool) -> Response:
+    """A surprise: batch_update keeps its own shape (RETRY: nothing is lost, a retried batch is never doubled)."""
+    if route == "batch_update":
+        return handler_response(route, batch.batch_answer("RETRY", message=message, delay_ms=delay_ms))
+    return error_response(message, creation=creation)
+
+
 def _bad_request(route: str, message: str, creation: bool) -> Response:
     if route == "batch_update":
-        return handler_response(route, {"status": "ERROR", "message": message, "sent_items_in_success": 0,
-                                        "sent_items_in_error": 0})
+        return handler_response(route, batch.batch_answer("ERROR", message=message))
     if route in ("troubleshoot", "authentication", "logout", "dynamic_property_values_queries",
                  "authentication_status_queries", "test_authentication"):
         return json_response({"status": "error", "message": message}, 500)
@@ -140,8 +147,7 @@ def _gateway_unavailable(route: str, message: str, delay_ms: int, creation: bool
     if route == "user_segment_update":
         return handler_response(route, {"status": "retry", "message": msg, "next_msg_delay_in_ms": delay_ms})
     if route == "batch_update":
-        return handler_response(route, {"status": "RETRY", "message": msg, "next_msg_delay_in_ms": delay_ms,
-                                        "sent_items_in_success": 0, "sent_items_in_error": 0})
+        return handler_response(route, batch.batch_answer("RETRY", message=msg, delay_ms=delay_ms))
     return error_response(msg, creation=creation)
 
 
@@ -165,6 +171,7 @@ async def external_segment_connection(plugin: Plugin, body: dict) -> Response:
 
 async def user_segment_update(plugin: Plugin, body: dict) -> Response:
     (feed_id,) = require_str(body, "feed_id")
+    check_identifier_count(body.get("user_identifiers"), plugin.settings.max_identifiers_per_update)
     ctx = await plugin.context(feed_id)
     if not ctx.valid:
         return handler_response("user_segment_update", {"status": "error", "message": f"feed {feed_id} has invalid "
@@ -181,15 +188,13 @@ async def batch_update(plugin: Plugin, body: dict) -> Response:
     (feed_id,) = require_str(context, "feed_id")
     ctx = await plugin.context(feed_id)
     if not ctx.valid:
-        return handler_response("batch_update", {"status": "ERROR", "message": f"feed {feed_id} has invalid "
-                                                 f"properties: {ctx.error}", "sent_items_in_success": 0,
-                                                 "sent_items_in_error": 0})
+        return handler_response("batch_update", batch.batch_answer(
+            "ERROR", message=f"feed {feed_id} has invalid properties: {ctx.error}"))
     try:
         result = await lanes.deliver_within_deadline(plugin.lanes, plugin.staging, ctx, body, plugin.settings)
     except ledger.LedgerError as e:  # locked past its timeout, or the volume is full: nothing was counted yet
         log.warning("batch_update: %s", e, extra={"route": "batch_update", "outcome": "retry"})
-        result = {"status": "RETRY", "message": str(e)[:1000], "sent_items_in_success": 0, "sent_items_in_error": 0,
-                  "next_msg_delay_in_ms": plugin.settings.retry_delay_ms}
+        result = batch.batch_answer("RETRY", message=str(e)[:1000], delay_ms=plugin.settings.retry_delay_ms)
     return handler_response("batch_update", result)
 
 
@@ -328,6 +333,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
     settings = settings or load_settings()
     logs.configure(settings.log_level, settings.staging_dir)
     guard.configure(settings)
+    recent_rows.configure(settings.dedup_seconds, settings.dedup_max_rows)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -201,6 +201,9 @@ def status(feed: str | None = typer.Option(None, help="only this feed"),
             line = error_line(f"failed roll {where} {f['roll_id']}", f,
                               f"fix the cause, then `filefeed retry --feed {feed_id}`")
             out.print(f"[red]{escape(line)}[/red]", soft_wrap=True)
+        if r.get("rejected_rows"):
+            out.print(f"[yellow]{escape(where)}: {r['rejected_rows']:,} rows set aside (they cannot be encoded), "
+                      f"listed in {escape(', '.join(r['rejected_reports']))}[/yellow]", soft_wrap=True)
         e = r["last_error"]
         if e and not r["failed_rolls"]:  # a failed roll already says it
             line = error_line(f"last error {where} at {_when(e.get('time'))}", e,

@@ -102,6 +102,15 @@ def _known_names(root: Path, partitions: list[Partition]) -> tuple[set[str], set
     return listed, in_flight
 
 
+def _segments_published_twice(entries: list) -> dict[str, list[str]]:
+    """Segments two ledger entries list: their rows reached the destination twice (cheap: ledger metadata only)."""
+    by_segment: dict[str, list[str]] = {}
+    for e in entries:
+        for seg in e.segments:
+            by_segment.setdefault(seg, []).append(e.roll_id)
+    return {seg: rolls for seg, rolls in by_segment.items() if len(rolls) > 1}
+
+
 @app.command()
 def verify(feed: str | None = typer.Option(None, help="only this feed"),
            deep: bool = typer.Option(True, help="download each file and compare its sha256 (--no-deep: sizes)"),
@@ -110,7 +119,7 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Compare the ledger and manifests with the destination.
 
-    Problems: missing (a file the ledger lists is not at the destination), size mismatch, checksum mismatch, manifest disagreement, extra (an object named like this feed's files, by its file_name_template and segments or as a batch manifest, that no ledger entry lists and no roll in progress or in failed/ holds), leftover (a temp file or incomplete multipart upload of the feed's naming older than FILEFEED_LEFTOVER_AGE_SECONDS: a crash mid-upload; the next roll to the destination removes it), unreachable destination, feed without configuration.
+    Problems: duplicate publish (two ledger entries list the same staged segment: its rows were delivered twice), missing (a file the ledger lists is not at the destination), size mismatch, checksum mismatch, manifest disagreement, extra (an object named like this feed's files, by its file_name_template and segments or as a batch manifest, that no ledger entry lists and no roll in progress or in failed/ holds), leftover (a temp file or incomplete multipart upload of the feed's naming older than FILEFEED_LEFTOVER_AGE_SECONDS: a crash mid-upload; the next roll to the destination removes it), unreachable destination, feed without configuration.
 
     Exit code 0: no problem. Exit code 1: any problem, extra objects included, because under the feed's own naming an unlisted object is a duplicate publish or a lost ledger entry that an operator must look at. An unlisted object whose name carries a roll time older than the ledger retention (FILEFEED_LEDGER_RETENTION_DAYS) is counted as "beyond retention", not as extra: its entry was pruned. With --allow-extra, extras are reported but do not fail (a destination shared with another feed with the same template and segments).
     """
@@ -143,7 +152,11 @@ def verify(feed: str | None = typer.Option(None, help="only this feed"),
         try:
             with POOL.sink(fprops) as sink:
                 for p, pdir in ((part, d) for part in fparts for d in delivery_dirs(root, part)):
-                    for e in Ledger(pdir).entries():
+                    entries = Ledger(pdir).entries()
+                    found.extend({"feed_id": feed_id, "partition": str(p), "name": seg, "problem": "duplicate publish",
+                                  "detail": f"rows of segment {seg} were published by rolls {', '.join(rolls)}"}
+                                 for seg, rolls in _segments_published_twice(entries).items())
+                    for e in entries:
                         files = list(e.files) + ([e.manifest] if e.manifest else [])
                         for f in files:
                             checked += 1

@@ -10,6 +10,13 @@ published by whoever receives it:
   sealed segment named after a hash of their rows, so a retried batch finds that segment instead of doubling rows.
 Then the partition is rolled (its unfinished rolls resumed first) and an item counts as sent when its segment is in
 the ledger. Items that cannot be rows count in `sent_items_in_error`.
+
+Exactly once for loose rows rests on three things, each enough for the races the others miss:
+- where a segment is, is looked up after every wait and in the order a segment moves (open -> sealed -> a roll's
+  folder -> the ledger), so a segment published while this batch waited is seen as published;
+- the loose segment is created with link(2) (create-only): of concurrent identical batches, one stages it;
+- a roll never plans a segment the ledger lists or another roll folder holds (pipeline.rollover), so a copy staged
+  again after its first copy was published is dropped, not published twice.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from pipeline import delivery
-from pipeline.identifiers import MAX_VALUE_LENGTH
+from pipeline.durable import create_only_bytes
+from pipeline.identifiers import MAX_TS_MS, MAX_VALUE_LENGTH, MIN_TS_MS
 from pipeline.journal import encode_frame, encode_lines
 from pipeline.layout import FAILED, SEALED, SUFFIX
 from pipeline.layout import FORBIDDEN_RE as _FORBIDDEN
 from pipeline.layout import SEGMENT_NAME_RE as _REF
 from pipeline.layout import roll_folder_holding as _roll_folder_holding
-from pipeline.ledger import atomic_write_bytes, consumed, partition_dir
+from pipeline.ledger import consumed, partition_dir
 from pipeline.model import OPERATIONS, Partition
 
 if TYPE_CHECKING:
@@ -41,8 +49,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("filefeed.batch")
 
 
-class BatchError(ValueError):
-    """The batch envelope itself is unusable."""
+def batch_answer(status: str, *, sent: int = 0, errors: int = 0, message: str | None = None,
+                 delay_ms: int | None = None) -> dict[str, Any]:
+    """The one shape of every batch_update answer (the route maps `status` to its code, `delay_ms` to the header)."""
+    answer: dict[str, Any] = {"status": status, "sent_items_in_success": sent, "sent_items_in_error": errors}
+    if message:
+        answer["message"] = message[:1000]
+    if delay_ms is not None:
+        answer["next_msg_delay_in_ms"] = delay_ms
+    return answer
 
 
 @dataclass
@@ -68,6 +83,7 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
     Hot: 10,000 items a call, so one flat loop with no model and cached partitions and refs. Values must not hold a
     tab, newline, CR or NUL (the journal's separators). JSON forbids those characters raw inside strings, so an item
     sent as JSON text without a backslash cannot hold one: only items with escapes, or sent as objects, are searched.
+    `ts` must be an int in [MIN_TS_MS, MAX_TS_MS]: every value checked here can be staged, encoded and answered.
     """
     feed_id = str(context["feed_id"])
     default_op = context.get("grouping_key")
@@ -124,7 +140,7 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
         if type(user_point_id) is not str:
             user_point_id = _text(user_point_id)
         if (w is None or type(id_type) is not str or type(ident) is not str or type(ts) is not int
-                or not id_type or not ident or session_id is None or datamart_id is None or user_point_id is None
+                or ts < MIN_TS_MS or ts > MAX_TS_MS or not id_type or not ident or session_id is None or datamart_id is None or user_point_id is None
                 or len(ident) > max_len
                 or len(id_type) + len(ident) + len(session_id) + len(datamart_id) + len(user_point_id) > 5 * max_len
                 or (check and forbidden(id_type + ident + session_id + datamart_id + user_point_id))):
@@ -145,6 +161,7 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
 
 
 
+
 def locate_segment(staging: Staging, partition: Partition, name: str) -> str | None:
     """Where a segment is: "open", "sealed", "rolling", "failed", "published", or None when this volume never had it.
 
@@ -162,19 +179,26 @@ def locate_segment(staging: Staging, partition: Partition, name: str) -> str | N
     return None
 
 
-def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple]) -> str:
-    """Write rows staged by nobody here into a sealed segment whose name is a hash of the rows (idempotent)."""
-    lines, payload = encode_lines(rows)
-    # the same rows in any order give the same name, so a retried batch finds the segment it staged before
+def loose_segment_name(lines: list[str]) -> str:
+    """The same rows in any order give the same name, so a retried batch finds the segment it staged before."""
     digest = hashlib.sha256("".join(sorted(lines)).encode("utf-8"))
-    name = f"batch_{digest.hexdigest()[:24]}-00000000"
+    return f"batch_{digest.hexdigest()[:24]}-00000000"
+
+
+def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple]) -> str:
+    """Write rows staged by nobody here into a sealed segment whose name is a hash of the rows (create-only)."""
+    lines, payload = encode_lines(rows)
+    name = loose_segment_name(lines)
     pdir = partition_dir(staging.root, partition)
     path = pdir / SEALED / (name + SUFFIX)
-    if path.exists() or _roll_folder_holding(pdir, name + SUFFIX) is not None \
-            or consumed(staging.root, partition, [name + SUFFIX]):
+    # In the order a segment moves, so one moving while we look is found further on (see locate_segment).
+    if path.exists() or _roll_folder_holding(pdir, name + SUFFIX) is not None:
+        return name
+    if consumed(staging.root, partition, [name + SUFFIX]):
         return name
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, encode_frame(payload, len(rows), int(time.time() * 1000)))
+    if not create_only_bytes(path, encode_frame(payload, len(rows), int(time.time() * 1000))):
+        log.debug("loose segment %s of %s was staged by a concurrent batch", name, partition)
     return name
 
 
@@ -183,14 +207,13 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
     items = body.get("batch_content")
     context = body["context"]
     if not isinstance(items, list):
-        return {"status": "ERROR", "message": "batch_content must be a list", "sent_items_in_success": 0,
-                "sent_items_in_error": 0}
+        return batch_answer("ERROR", message="batch_content must be a list")
     assert ctx.props is not None
     # each row is kept with its ref, in case the ref is unknown on this staging volume
     work, invalid = parse_items(context, items)
+    not_rows = f"{invalid} items are not rows of this feed" if invalid else None
     if not work:
-        return {"status": "OK" if not invalid else "ERROR", "sent_items_in_success": 0, "sent_items_in_error": invalid,
-                "message": f"{invalid} items are not rows of this feed" if invalid else None}
+        return batch_answer("ERROR" if invalid else "OK", errors=invalid, message=not_rows)
 
     sent = 0
     transient: list[str] = []
@@ -203,6 +226,7 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
         if any(s == "open" for s in states.values()):
             transient.append(f"{partition}: staged rows still being written")
             continue
+        # Looked up again after the wait: a segment published meanwhile must read as published, never as unknown.
         unknown = {n for n, st in states.items() if st is None and locate_segment(staging, partition, n) is None}
         counted: dict[str, int] = {n: c for n, c in w.refs.items() if n not in unknown}
         # rows to stage now: items without ref, and items whose ref this staging volume does not know
@@ -226,12 +250,9 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
         if outcome.status in ("published", "nothing") and any(
                 n + SUFFIX not in published and _roll_folder_holding(pdir, n + SUFFIX) is not None for n in counted):
             terminal.append(f"{partition}: some rows are in failed rolls (see `filefeed status`, `filefeed retry`)")
-    result: dict[str, Any] = {"sent_items_in_success": sent, "sent_items_in_error": invalid}
     if transient:
-        result.update(status="RETRY", message="; ".join(transient)[:1000], next_msg_delay_in_ms=settings.retry_delay_ms)
-    elif terminal:
-        result.update(status="ERROR", message="; ".join(terminal)[:1000])
-    else:
-        result.update(status="OK", message=f"{invalid} items are not rows of this feed" if invalid else None)
-    return result
-
+        return batch_answer("RETRY", sent=sent, errors=invalid, message="; ".join(transient),
+                            delay_ms=settings.retry_delay_ms)
+    if terminal:
+        return batch_answer("ERROR", sent=sent, errors=invalid, message="; ".join(terminal))
+    return batch_answer("OK", sent=sent, errors=invalid, message=not_rows)

@@ -13,11 +13,22 @@ from pipeline.transforms import EmailTransform
 _HEX_HASH = re.compile(r"(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{40}|[0-9a-fA-F]{64}|[0-9a-fA-F]{128})")
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_VALUE_LENGTH = 1024
+# A row's `ts` is epoch milliseconds from 1970-01-01 to 9999-12-31T23:59:59.999Z: it fits int64 (the journal, Arrow,
+# Parquet, DuckDB), JSON numbers (< 2**53) and every date library. Anything else is rejected before it is staged.
+MIN_TS_MS = 0
+MAX_TS_MS = 253_402_300_799_999
 
 
 
 class RequestError(ValueError):
     """The request itself is malformed (not one identifier): the route answers the protocol's error shape."""
+
+
+def check_identifier_count(identifiers: object, limit: int) -> None:
+    """Refuse an update with more than `limit` identifiers before any work: its answer would grow with it."""
+    if isinstance(identifiers, list) and len(identifiers) > limit:
+        raise RequestError(f"user_identifiers has {len(identifiers)} entries, more than the {limit} one update may "
+                           "carry (FILEFEED_MAX_IDENTIFIERS_PER_UPDATE)")
 
 
 @dataclass(slots=True)
@@ -105,8 +116,12 @@ class IdentifierRules:
                 break
         rows, stats = out.rows, out.stats
         seen: set[tuple[str, str]] = set()
+        # checked here, before anything is staged: an out-of-range ts would fail the answer or the roll later
+        bad_ts = type(ts) is not int or ts < MIN_TS_MS or ts > MAX_TS_MS
         for ident in identifiers:
             for id_type, value, raw, reason in self._eligible(ident, out):
+                if bad_ts and value is not None:
+                    value, raw, reason = None, value, "invalid_ts"
                 if value is None:
                     out.rejected += 1
                     shown = raw if isinstance(raw, str) and len(raw) <= 128 and not _BAD_CHARS.search(raw) else \

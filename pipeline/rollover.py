@@ -31,15 +31,18 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from config.feed import FeedProperties
-from pipeline import schedule
-from pipeline.encode import EncodedFile, EncodeSpec, encode_batches, read_schema
+from pipeline import recent_rows, schedule
+from pipeline.durable import remove_stale_temps
+from pipeline.encode import EncodedFile, EncodeSpec, encode_batches
 from pipeline.finishing import build_markers, encrypt_files
 from pipeline.layout import SUFFIX as SEGMENT_SUFFIX
 from pipeline.layout import iter_partitions
@@ -60,6 +63,7 @@ from pipeline.ledger import (
 from pipeline.model import STAGED_FIELDS, Partition
 from pipeline.naming import NameContext, UnsafeNameError, manifest_name, render_name
 from pipeline.pgp import PgpError
+from pipeline.rejects import encode_screened, write_report
 from sinks.base import Sink, SinkError, TerminalError
 from sinks.errors import Classified, Terminal, Transient
 
@@ -334,6 +338,9 @@ class _Plan:
     pgp_public_key: str | None = None
     # "delta": files of the staged rows; "apply" / "snapshot": pipeline/snapshot.py (membership state, full files)
     mode: str = "delta"
+    # roll-time dedup (pipeline.recent_rows), fixed at plan time so a resumed roll decides the same; 0 = off
+    dedup_seconds: float = 0.0
+    dedup_max_rows: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -350,6 +357,8 @@ class _Plan:
             "done_marker": self.done_marker,
             "manifest_prefix": self.manifest_prefix,
             "pgp_public_key": self.pgp_public_key,
+            "dedup_seconds": self.dedup_seconds,
+            "dedup_max_rows": self.dedup_max_rows,
         }
 
     @classmethod
@@ -368,6 +377,8 @@ class _Plan:
             manifest_prefix=data.get("manifest_prefix"),
             pgp_public_key=data.get("pgp_public_key"),
             mode=str(data.get("mode", "delta")),
+            dedup_seconds=float(data.get("dedup_seconds", 0.0)),
+            dedup_max_rows=int(data.get("dedup_max_rows", 0)),
         )
 
 
@@ -396,6 +407,35 @@ def slot_roll_id(partition: Partition, mode: str, slot: datetime) -> str:
     return f"{slot.astimezone(UTC):%Y%m%dT%H%M%S}-{digest}"
 
 
+def _segments_in_rolls(pdir: Path) -> set[str]:
+    """Segment names held by roll folders (rolling/ and failed/) of the partition."""
+    held: set[str] = set()
+    for state in (ROLLING, FAILED):
+        for roll_id in _roll_names(pdir / state):
+            try:
+                held.update(os.listdir(pdir / state / roll_id / "segments"))
+            except FileNotFoundError:
+                continue
+    return held
+
+
+def _drop_copies(pdir: Path, partition: Partition, segments: list[str]) -> list[str]:
+    """Segments that may be planned: not listed by the ledger, not held by another roll folder.
+
+    A batch's loose rows are staged under a name derived from the rows; a copy staged again after the first one was
+    taken by a roll (a racing or replayed batch) must never be published a second time: it is removed here.
+    """
+    copies = Ledger(pdir).consumed(segments) | (set(segments) & _segments_in_rolls(pdir))
+    if not copies:
+        return segments
+    for name in sorted(copies):
+        log.warning("%s: segment %s was already published or is held by a roll: removed, not published again",
+                    partition, name)
+        (pdir / SEALED / name).unlink(missing_ok=True)
+    fsync_dir(pdir / SEALED)
+    return [n for n in segments if n not in copies]
+
+
 def _plan_roll(
     pdir: Path,
     partition: Partition,
@@ -404,7 +444,7 @@ def _plan_roll(
     datamart_id: str | None,
     kind: RollMode = DELTA,
 ) -> _Plan | None:
-    segments = sealed_segments(pdir, kind.suffix)
+    segments = _drop_copies(pdir, partition, sealed_segments(pdir, kind.suffix))
     # a scheduled snapshot is delivered at every slot, changed or not: the partner wants a full file each time
     if not segments and not (kind.slot is not None and kind.mode == "snapshot"):
         return None
@@ -433,6 +473,8 @@ def _plan_roll(
         manifest_prefix=props.manifest_prefix,
         pgp_public_key=props.pgp_public_key.strip() if props.encryption == "pgp" and props.pgp_public_key else None,
         mode=kind.mode,
+        dedup_seconds=recent_rows.SETTINGS.seconds,
+        dedup_max_rows=recent_rows.SETTINGS.max_rows,
     )
     # The roll folder is built under a hidden name and renamed into place, so rolling/<roll_id>/ never exists
     # without its plan; a hidden leftover of a crash holds no segment and is simply removed.
@@ -495,13 +537,15 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)  # a half-encoded output from a crash: encoding again gives the same files
     out.mkdir()
     paths = [rdir / "segments" / name for name in plan.segments]
+    # Only the columns the files show are parsed; the {datamart_id} macro and the manifest take the first row's.
+    def read(schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+        return staging.iter_batches(paths, chunk_bytes=READ_CHUNK_BYTES, schema=schema)
+
     datamart_id = plan.datamart_id
     if plan.mode == "snapshot":
         batches, first_datamart = snapshot.member_batches(rdir, plan.roll_id, paths)
         datamart_id = first_datamart if datamart_id is None else datamart_id
     else:
-        # Only the columns the files show are parsed; the {datamart_id} macro and the manifest take the first row's.
-        batches = staging.iter_batches(paths, chunk_bytes=READ_CHUNK_BYTES, schema=read_schema(plan.spec))
         if datamart_id is None:
             first = staging.first_row(paths)
             datamart_id = first[STAGED_FIELDS.index("datamart_id")] if first else ""
@@ -515,7 +559,26 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         lease.heartbeat()
         crash_point(f"encode_file:{int(encoded.name.split('-')[1].split('.')[0])}")
 
-    files = encode_batches(batches, plan.spec, constants, out, on_file=on_file)
+    pdir = rdir.parent.parent
+    rejects = dedup = None
+    if plan.mode == "snapshot":  # members of the membership state: checked when applied, one row per identifier
+        files = encode_batches(batches, plan.spec, constants, out, on_file=on_file)
+    else:
+        make_dedup = None
+        if plan.dedup_seconds > 0 and plan.dedup_max_rows > 0:
+            known = recent_rows.RecentRows.load(pdir).known_before(plan.roll_id, _ms(plan.planned_at),
+                                                                   int(plan.dedup_seconds * 1000))
+
+            def make_dedup() -> recent_rows.RollDedup:
+                return recent_rows.RollDedup(known, plan.dedup_max_rows)
+
+        # rows that cannot be encoded are set aside with a report, never failing the roll (pipeline.rejects)
+        files, rejects, dedup = encode_screened(read, plan.spec, constants, out, on_file=on_file,
+                                                extra=recent_rows.KEY_SCHEMA if make_dedup else None,
+                                                make_filter=make_dedup)
+        write_report(pdir, rejects, plan.roll_id, str(plan.partition))
+        if isinstance(dedup, recent_rows.RollDedup):
+            recent_rows.save_kept(rdir / recent_rows.KEPT_NAME, dedup.kept_hashes())
     extension = plan.spec.extension
     if plan.pgp_public_key:
         files, extension = encrypt_files(out, files, plan.pgp_public_key, plan.spec, lease.heartbeat)
@@ -559,10 +622,16 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         "bytes": sum(e["bytes"] for e in entries),
         "manifest": manifest,
         "markers": build_markers(out, entries) if plan.done_marker == "success_file" else [],
+        "rejected": rejects.count if rejects is not None else 0,
+        "duplicates_dropped": dedup.dropped if isinstance(dedup, recent_rows.RollDedup) else 0,
     }
     atomic_write_json(rdir / "encoded.json", encoded)
     crash_point("encode")
     return encoded
+
+
+def _ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
 
 
 def _manifest_body(plan: _Plan, entries: list[dict[str, Any]], datamart_id: str) -> dict[str, Any]:
@@ -670,6 +739,10 @@ def _record_and_clean(pdir: Path, rdir: Path, plan: _Plan, encoded: Mapping[str,
         bytes=int(encoded["bytes"]),
         segments=tuple(plan.segments),
     )
+    kept = recent_rows.load_kept(rdir / recent_rows.KEPT_NAME)
+    if kept is not None:  # before the ledger entry: once it exists the roll folder (and `kept`) may be gone
+        recent_rows.RecentRows.load(pdir).merged(plan.roll_id, _ms(plan.planned_at), kept,
+                                                 int(plan.dedup_seconds * 1000), plan.dedup_max_rows).save(pdir)
     Ledger(pdir).record(entry)
     crash_point("ledger")
     _remove_roll_dir(rdir)
@@ -786,6 +859,8 @@ def _rekey(rdir: Path, props: FeedProperties) -> None:
 
 
 def _clean_hidden_leftovers(pdir: Path) -> None:
+    remove_stale_temps(pdir / SEALED)
+    remove_stale_temps(pdir)
     rolling = pdir / ROLLING
     try:
         names = os.listdir(rolling)

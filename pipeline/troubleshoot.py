@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.delivery import LAST_ERROR
 from pipeline.ledger import DeliveryTotals, Ledger, partition_dir, read_json
 from pipeline.model import Partition
+from pipeline.rejects import REJECTED, rejected_rows
 from pipeline.rollover import failed_rolls, iter_partitions, pending_rolls
 from pipeline.snapshot import delivery_dirs
 from sinks.errors import error_fields
@@ -67,6 +68,7 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
                        "message": reason.get("message"), "failed_at": reason.get("failed_at"),
                        "attempts": reason.get("attempts"), "rows": encoded.get("rows")})
     last = recent[0] if recent else None
+    rejected, reports = rejected_rows(pdir)
     return {
         "segment_id": partition.segment_id,
         "operation": partition.operation,
@@ -84,6 +86,9 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
         "last_delivery": None if last is None else _delivery(last),
         "recent_deliveries": [_delivery(e) for e in recent[:deliveries]] if deliveries > 0 else [],
         "last_error": _last_error(pdir),
+        # rows rolls set aside because they could not be encoded, and the reports listing them
+        "rejected_rows": rejected,
+        "rejected_reports": [f"{partition.relpath}/{REJECTED}/{n}" for n in reports],
     }
 
 

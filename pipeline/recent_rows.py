@@ -1,0 +1,283 @@
+"""Roll-time dedup: a row identical to one published in the partition within FILEFEED_DEDUP_SECONDS is dropped.
+
+A platform retry of user_segment_update may land on any worker process; each stages the row in its own journal, so
+the copies only meet when a roll reads every writer's segments of the partition. The roll drops a row whose key
+(identifier_type, identifier, ts, session_id; feed, segment and operation are the partition's) it already kept, or
+that a roll planned within the window before it published.
+
+On disk: `recent-rows.arrow` in the partition folder, one Arrow IPC file of (hash uint64, roll uint32) sorted by
+hash, with the rolls it covers (id, planned time) in its metadata. The roll reads it under its lease, and writes it
+whole (temp + fsync + rename) after publishing and before its ledger entry. Crash-safe with the roll's state
+machine: a resumed roll that encodes again ignores its own hashes and the rolls planned after it, so it makes the
+same decision and writes the same bytes.
+
+Bounded: at most FILEFEED_DEDUP_MAX_ROWS hashes per partition (the newest rolls' are kept), 12 bytes each. Hashes
+are 64-bit (two different rows collide with odds about 1 in 10**19 per pair), computed with NumPy over Arrow's
+buffers: no Python work per row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.durable import atomic_write_bytes
+
+STORE_NAME = "recent-rows.arrow"
+KEPT_NAME = "recent-rows.bin"  # in a roll folder: the hashes this roll keeps, merged into the store after publishing
+KEY_COLUMNS = ("identifier_type", "identifier", "ts", "session_id")
+KEY_SCHEMA = pa.schema([(c, pa.int64() if c == "ts" else pa.string()) for c in KEY_COLUMNS])
+DEFAULT_MAX_ROWS = 1_000_000
+
+
+
+@dataclass
+class DedupSettings:
+    seconds: float = 600.0  # FILEFEED_DEDUP_SECONDS; 0 = off
+    max_rows: int = DEFAULT_MAX_ROWS  # FILEFEED_DEDUP_MAX_ROWS
+
+
+# What new plans snapshot; the service and the CLI set it from their settings at start-up (configure).
+SETTINGS = DedupSettings()
+
+
+def configure(seconds: float, max_rows: int) -> None:
+    SETTINGS.seconds = seconds
+    SETTINGS.max_rows = max_rows
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_K = np.uint64(0x9E3779B97F4A7C15)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit reaches every output bit."""
+    x ^= x >> _S30
+    x *= _M1
+    x ^= x >> _S27
+    x *= _M2
+    x ^= x >> _S31
+    return x
+
+
+def _string_hashes(a: pa.Array) -> np.ndarray:
+    """64-bit hashes of a string array: the bytes as 8-byte words, one odd multiply per word, then a full mix."""
+    n = len(a)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    if a.null_count:
+        a = pc.fill_null(a, "")
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks()
+    offsets = np.frombuffer(a.buffers()[1], np.int32, n + 1, a.offset * 4)
+    lengths = np.diff(offsets)
+    longest = int(lengths.max())
+    width = max(8, (longest + 7) // 8 * 8)
+    if longest == width and int(lengths.min()) == longest:  # fixed-width values (hex hashes): read in place
+        data = np.frombuffer(a.buffers()[2], np.uint8, n * width, int(offsets[0]))
+    else:
+        # each value followed by zeros, cut at `width` bytes (the length is hashed too, so "a" != "a\0")
+        padded = pc.binary_join_element_wise(a.cast(pa.binary()), pa.scalar(b"\0" * width, pa.binary()),
+                                             pa.scalar(b"", pa.binary()))
+        padded = pc.binary_slice(padded, 0, width)
+        po = np.frombuffer(padded.buffers()[1], np.int32, n + 1, padded.offset * 4)
+        data = np.frombuffer(padded.buffers()[2], np.uint8, n * width, int(po[0]))
+    words = data.reshape(n, width).view(np.uint64)
+    h = lengths.astype(np.uint64) * _K
+    for j in range(words.shape[1]):
+        h ^= words[:, j]
+        h *= _M1
+    return _mix(h)
+
+
+def _low_cardinality_hashes(a: pa.Array) -> np.ndarray:
+    """Columns with few values (type, session): hash the distinct values only."""
+    n = len(a)
+    if n and not a.null_count and not isinstance(a, pa.ChunkedArray):
+        offsets = np.frombuffer(a.buffers()[1], np.int32, n + 1, a.offset * 4)
+        width = int(offsets[1] - offsets[0])
+        # one value in the whole batch (the usual case): equal lengths and every row equal to the first
+        if offsets[-1] - offsets[0] == n * width and (np.diff(offsets) == width).all():
+            data = np.frombuffer(a.buffers()[2], np.uint8, n * width, int(offsets[0])) if width else None
+            if data is None or (data.reshape(n, width) == data[:width]).all():
+                return np.full(n, _string_hashes(a.slice(0, 1))[0], np.uint64)
+    encoded = pc.dictionary_encode(a)
+    return _string_hashes(encoded.dictionary)[np.asarray(encoded.indices)]
+
+
+def row_hashes(batch: pa.RecordBatch) -> np.ndarray:
+    """One uint64 per row of `batch`, from its KEY_COLUMNS (ts as int64 or as its digits: the same hash)."""
+    ts = batch.column(batch.schema.get_field_index("ts"))
+    if not pa.types.is_integer(ts.type):
+        ts = pc.cast(ts, pa.int64())
+    h = np.asarray(ts, dtype=np.int64).view(np.uint64) * _K
+    h ^= _string_hashes(batch.column(batch.schema.get_field_index("identifier")))
+    h = _mix(h)
+    for name in ("identifier_type", "session_id"):
+        h ^= _low_cardinality_hashes(batch.column(batch.schema.get_field_index(name)))
+        h *= _M2
+    return _mix(h)
+
+
+class RecentRows:
+    """The partition's store: hashes of rows published by recent rolls."""
+
+    def __init__(self, hashes: np.ndarray, rolls_of: np.ndarray, rolls: list[tuple[str, int]]):
+        self.hashes = hashes  # sorted
+        self.rolls_of = rolls_of  # index into rolls, per hash
+        self.rolls = rolls  # (roll_id, planned_ms)
+
+    @classmethod
+    def load(cls, pdir: Path) -> RecentRows:
+        try:
+            with pa.memory_map(str(pdir / STORE_NAME)) as source:
+                table = pa.ipc.open_file(source).read_all()
+        except FileNotFoundError:
+            return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint32), [])
+        rolls = [(str(r), int(t)) for r, t in json.loads(table.schema.metadata[b"rolls"])]
+        return cls(np.asarray(table.column("hash")).copy(), np.asarray(table.column("roll")).copy(), rolls)
+
+    def known_before(self, roll_id: str, planned_ms: int, window_ms: int) -> np.ndarray:
+        """Sorted hashes of the rolls planned before `roll_id`, within the window (never its own)."""
+        wanted = [i for i, (r, t) in enumerate(self.rolls) if r < roll_id and t >= planned_ms - window_ms]
+        if len(wanted) == len(self.rolls):
+            return self.hashes
+        return self.hashes[np.isin(self.rolls_of, np.array(wanted, np.uint32))]
+
+    def merged(self, roll_id: str, planned_ms: int, kept: np.ndarray, window_ms: int, max_rows: int) -> RecentRows:
+        """The store after `roll_id` published `kept`: older rolls out of the window dropped, at most max_rows."""
+        rolls = [(r, t) for r, t in self.rolls if r != roll_id and t >= planned_ms - window_ms] + [(roll_id, planned_ms)]
+        rolls.sort(key=lambda rt: rt[0])
+        # the newest rolls first, until max_rows
+        keep_rolls: list[tuple[str, int]] = []
+        budget = max_rows
+        sizes = {r: int(np.count_nonzero(self.rolls_of == i)) for i, (r, _) in enumerate(self.rolls)}
+        sizes[roll_id] = len(kept)
+        for r, t in reversed(rolls):
+            if sizes.get(r, 0) > budget:
+                break
+            budget -= sizes.get(r, 0)
+            keep_rolls.append((r, t))
+        keep_rolls.reverse()
+        index = {r: i for i, (r, _) in enumerate(keep_rolls)}
+        parts_h: list[np.ndarray] = []
+        parts_r: list[np.ndarray] = []
+        for i, (r, _) in enumerate(self.rolls):
+            if r in index and r != roll_id:
+                sel = self.rolls_of == i
+                parts_h.append(self.hashes[sel])
+                parts_r.append(np.full(int(np.count_nonzero(sel)), index[r], np.uint32))
+        if roll_id in index:
+            parts_h.append(kept)
+            parts_r.append(np.full(len(kept), index[roll_id], np.uint32))
+        hashes = np.concatenate(parts_h) if parts_h else np.zeros(0, np.uint64)
+        rolls_of = np.concatenate(parts_r) if parts_r else np.zeros(0, np.uint32)
+        order = np.argsort(hashes, kind="stable")
+        return RecentRows(hashes[order], rolls_of[order], keep_rolls)
+
+    def save(self, pdir: Path) -> None:
+        table = pa.table({"hash": pa.array(self.hashes, pa.uint64()), "roll": pa.array(self.rolls_of, pa.uint32())})
+        table = table.replace_schema_metadata({"rolls": json.dumps(self.rolls)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        atomic_write_bytes(pdir / STORE_NAME, sink.getvalue().to_pybytes())
+
+
+class _HashSet:
+    """A fixed-size open-addressing set of uint64 hashes, probed for a whole batch at once (linear probing).
+
+    0 marks an empty slot: a real hash of 0 is stored as 1 (one more collision in 2**64). Sized for at most
+    `capacity` members at a load of at most 1/2, so probes stay short; once full, nothing more is added.
+    """
+
+    def __init__(self, capacity: int):
+        size = 1 << max(10, (2 * max(capacity, 1) - 1).bit_length())
+        self.table = np.zeros(size, np.uint64)
+        self.claim = np.zeros(size, np.int64)  # which row of the current batch claimed an empty slot
+        self.mask = np.uint64(size - 1)
+        self.capacity = capacity
+        self.size = 0
+
+    def add_new(self, h: np.ndarray) -> np.ndarray:
+        """Add the hashes `h` (repeats allowed); True for exactly one row of each hash that was not a member."""
+        h = np.where(h == 0, np.uint64(1), h)
+        table, claim, mask = self.table, self.claim, self.mask
+        pos = h & mask
+        new = np.zeros(len(h), bool)
+        todo = np.arange(len(h))
+        while len(todo):
+            p = pos[todo]
+            slot = table[p]
+            empty = slot == 0
+            lost = np.zeros(len(todo), bool)
+            if empty.any():
+                cand, cp = todo[empty], p[empty]
+                if self.size < self.capacity:
+                    claim[cp[::-1]] = cand[::-1]  # one row wins each empty slot: the last write, the first row
+                    won = claim[cp] == cand
+                    table[cp[won]] = h[cand[won]]
+                    new[cand[won]] = True
+                    self.size += int(np.count_nonzero(won))
+                    lost[np.flatnonzero(empty)[~won]] = True  # looks at the same slot again: maybe its twin won it
+                else:
+                    new[cand] = True  # full: not remembered, but seen nowhere before
+            done = (empty & ~lost) | (slot == h[todo])
+            advance = ~done & ~lost
+            pos[todo[advance]] = (pos[todo[advance]] + np.uint64(1)) & mask
+            todo = todo[~done]
+        return new
+
+
+class RollDedup:
+    """The filter one roll applies to its batches: drops rows seen earlier in the roll or in the store's window."""
+
+    def __init__(self, known: np.ndarray, max_rows: int):
+        self.max_rows = max_rows
+        self.seen = _HashSet(len(known) + max_rows)
+        self.seen.add_new(known)
+        self.kept: list[np.ndarray] = []  # hashes this roll kept, in row order
+        self.dropped = 0
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if not batch.num_rows:
+            return batch
+        h = row_hashes(batch)
+        keep = self.seen.add_new(h)  # one row of each hash nothing before had (in the roll or the window)
+        kept = int(np.count_nonzero(keep))
+        self.dropped += len(h) - kept
+        self.kept.append(h[keep])
+        return batch if kept == len(h) else batch.filter(pa.array(keep))
+
+    def kept_hashes(self) -> np.ndarray:
+        """The newest `max_rows` hashes this roll kept, sorted."""
+        if not self.kept:
+            return np.zeros(0, np.uint64)
+        return np.sort(np.concatenate(self.kept)[-self.max_rows:])
+
+
+def save_kept(path: Path, hashes: np.ndarray) -> None:
+    atomic_write_bytes(path, np.ascontiguousarray(hashes, np.uint64).tobytes())
+
+
+def load_kept(path: Path) -> np.ndarray | None:
+    try:
+        return np.frombuffer(path.read_bytes(), np.uint64)
+    except FileNotFoundError:
+        return None
+
+
+def remove_store(pdir: Path) -> None:
+    try:
+        os.unlink(pdir / STORE_NAME)
+    except FileNotFoundError:
+        pass
+

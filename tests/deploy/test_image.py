@@ -71,7 +71,10 @@ def test_healthcheck_passes_against_the_runtime_server_and_sigterm_stops_it(runt
             r = subprocess.run([str(runtime / "bin" / "python"), *cmd[1:]], env=env, capture_output=True, timeout=10)
             return r.returncode == 0
 
-        wait_for(healthy, 60, what="the image's HEALTHCHECK command to pass")
+        try:
+            wait_for(healthy, 60, what="the image's HEALTHCHECK command to pass")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{log.read_text()[-3000:]}") from None
         r = httpx.post(f"http://127.0.0.1:{port}/v1/status", timeout=5, trust_env=False)
         assert r.status_code in (404, 405)  # the check probes the real route, which is GET-only
         proc.send_signal(signal.SIGTERM)

@@ -106,6 +106,8 @@ def exported_series() -> set[str]:
             names.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
         else:
             names.add(name)
+    # gauges declared as (name, help) pairs and built as GaugeMetricFamily(name, ...) per scrape
+    names.update(re.findall(r'^\s*\("(filefeed_\w+)", "', text, re.M))
     return names
 
 

@@ -27,6 +27,7 @@ def test_a_batch_replayed_after_its_retention_is_staged_and_delivered_again(tmp_
     out = tmp_path / "out"
     srv = filefeed_factory(workers=1, feeds={FEED: {"destination_uri": out.as_uri()}},
                            env={"FILEFEED_LEDGER_RETENTION_DAYS": repr(2 / 86400),  # two seconds
+                                "FILEFEED_DEDUP_SECONDS": "1",  # as in production: retention >> dedup window
                                 "FILEFEED_METRICS_REFRESH_SECONDS": "0.2"})  # the housekeeping pass prunes
     items = send_users(srv, range(0, 10))
     first = send_batch(srv, items)

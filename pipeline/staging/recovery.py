@@ -109,7 +109,15 @@ def recover_journal(root: Path, path: Path, report: RecoveryReport, by_writer: s
     try:
         size = os.fstat(fd).st_size
         name = path.stem
-        scan = settle_journal(root, path, fd, size, resumed=True, by_writer=by_writer)
+        try:
+            scan = settle_journal(root, path, fd, size, resumed=True, by_writer=by_writer)
+        except OSError as e:
+            # a full volume (the split needs room for a second copy) or any I/O trouble: never a crash loop at
+            # start. The journal stays whole and locked by nobody; the next recovery pass splits it.
+            report.deferred.append(name)
+            log.error("recovery: could not split orphaned journal %s (%s); kept whole, retried at the next "
+                      "recovery (free space on the staging volume if it is full)", path, e.strerror or e)
+            return
         if scan.bad and not scan.torn_tail_only:
             report.quarantined.append(name)
         elif scan.bad:

@@ -67,4 +67,5 @@ class RecoveryReport:
     truncated: list[tuple[str, int]] = field(default_factory=list)  # (segment, bytes cut from a torn tail)
     quarantined: list[str] = field(default_factory=list)  # damaged in the middle: good frames kept, original moved
     removed_empty: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)  # could not be split now (a full volume): kept whole, retried
     busy: int = 0  # journals or open segments whose live owner holds the lock

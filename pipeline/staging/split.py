@@ -10,6 +10,7 @@ or consumed per the ledger is skipped, so no segment is ever made twice nor lost
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -114,6 +115,12 @@ def split_journal(root: Path, path: Path, data: bytes, scan: JournalScan, *, res
             write_all(fd, b"".join([view[f.offset : f.end] for f in frames]))
             if not syncfs:
                 os.fdatasync(fd)
+        except OSError:
+            # ENOSPC and the like: give back the space of this split's temp files; the journal stays whole
+            for written in [tmp, *(t for t, _ in moves)]:
+                with contextlib.suppress(OSError):
+                    os.unlink(written)
+            raise
         finally:
             os.close(fd)
         moves.append((tmp, f"{sealed}/{name}"))

@@ -97,7 +97,7 @@ def test_paused_worker_holding_a_named_segment_never_doubles_rows(group, tmp_pat
     live = group.start(feeds={"42": local_feed}, env=env, staging=paused.staging)
     for trial in range(2):
         (held,) = stage_rows(paused, [f"p{trial}-held"])
-        assert (paused.staging / "feeds/42/7/UPSERT/open" / f"{held['ref']}.jnl").exists()
+        assert (paused.staging / "journal/open" / f"{held['ref']}.jnl").exists()  # in its writer's journal
         loose = [item(f"p{trial}-u{i}") for i in range(10)]
         os.kill(paused.proc.pid, signal.SIGSTOP)
         try:

@@ -193,12 +193,8 @@ def run_feeds(args: argparse.Namespace) -> None:
         print(f"  {n:6,d} feeds {rps:9,.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  errors {errors} non-2xx {non_2xx}  "
               f"ratio to {counts[0]} feed(s) {sum(r['requests'] for r in rs) / base:.2f}  (rounds: {per_round})")
     print("  targets: 50 feeds >= 0.85 and 1,000 feeds >= 0.70 of the 1-feed figure")
-    rows = staged_rows(tmp / "staging")
-    slack = 2 * args.connections * sent_runs
-    ok = 2 * acknowledged <= rows <= 2 * acknowledged + slack
-    print(f"  staged rows on disk {rows:,}; 2 x acknowledged requests {2 * acknowledged:,} "
-          f"(+ at most {slack:,} in flight at wrk's stops): {'OK' if ok else 'MISMATCH'}")
-    print(f"  load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    check_staged(tmp / "staging", acknowledged, args.connections * sent_runs)
+    print(f"  {load_average()}")
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -235,6 +231,16 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def check_staged(staging: Path, acknowledged: int, in_flight: int, who: str = "") -> None:
+    """Every acknowledged 2-identifier request staged 2 rows; requests in flight when a wrk run stops are staged but
+    uncounted (at most one per connection per run)."""
+    rows = staged_rows(staging)
+    slack = 2 * in_flight
+    ok = 2 * acknowledged <= rows <= 2 * acknowledged + slack
+    print(f"  {who + ' ' if who else ''}staged rows on disk {rows:,}; 2 x acknowledged requests {2 * acknowledged:,} "
+          f"(+ at most {slack:,} in flight at wrk's stops): {'OK' if ok else 'MISMATCH'}")
 
 
 def load_average() -> str:
@@ -315,11 +321,7 @@ def peer_main(args: argparse.Namespace) -> None:
     print(f"  overall   filefeed {total['filefeed']:,.0f} req/s, {args.peer} {total[args.peer]:,.0f} req/s, ratio "
           f"{ratio:.2f}  (target >= 4.0: {'ok' if ratio >= 4.0 else 'NOT MET'})")
     print("  RSS at the end: " + ", ".join(f"{n} {v:.0f} MB" for n, v in rss.items()))
-    rows = staged_rows(tmp / "staging")
-    slack = 2 * args.connections * sent_runs
-    ok = 2 * acknowledged <= rows <= 2 * acknowledged + slack
-    print(f"  filefeed staged rows on disk {rows:,}; 2 x acknowledged requests {2 * acknowledged:,} "
-          f"(+ at most {slack:,} in flight at wrk's stops): {'OK' if ok else 'MISMATCH'}")
+    check_staged(tmp / "staging", acknowledged, args.connections * sent_runs, "filefeed")
     print(f"after: {load_average()}")
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -413,11 +415,7 @@ def main() -> None:
     for name in servers:
         print(f"  RSS {name}: {rss_start[name]:.0f} MB -> {rss_end[name]:.0f} MB"
               + (f"; during the soak, every 30 s: {soak}" if soak and name == "filefeed" else ""))
-    rows = staged_rows(tmp / "staging")
-    slack = 2 * args.connections * sent_runs  # requests in flight when a wrk run stops are staged but uncounted
-    ok = 2 * acknowledged <= rows <= 2 * acknowledged + slack
-    print(f"  staged rows on disk {rows:,}; 2 x acknowledged requests {2 * acknowledged:,} "
-          f"(+ at most {slack:,} in flight at wrk's stops): {'OK' if ok else 'MISMATCH'}")
+    check_staged(tmp / "staging", acknowledged, args.connections * sent_runs)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -99,6 +99,20 @@ class ServiceSettings(BaseSettings):
                                                 description="a request's headers and body must arrive within this")
     max_connections: int = Field(default=2048, ge=1, le=1_000_000, description="open connections per worker")
 
+    # several replicas: the state that decides exactly once, shared in PostgreSQL (pipeline/shared/)
+    database_url: SecretStr | None = Field(default=None, description="postgresql://... shared by every replica; "
+                                           "unset: one host, the embedded SQLite ledger")
+    replica_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+                                   description="this replica's name in the shared database (default: host name)")
+    database_pool_size: int = Field(default=4, ge=1, le=64, description="connections per worker process")
+    database_timeout_seconds: float = Field(default=5.0, gt=0, le=120,
+                                            description="connect, pool wait and statement deadline")
+    database_lease_seconds: float = Field(default=60.0, ge=2, le=3600,
+                                          description="a roll lease lapses this long after its last renewal")
+    database_orphan_seconds: float = Field(default=600.0, ge=1, le=30 * 86400,
+                                           description="a publishing roll silent this long may be resolved by another "
+                                                       "replica (its files looked up at the destination)")
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, v: str) -> str:
@@ -114,6 +128,13 @@ class ServiceSettings(BaseSettings):
                 "gateway mode needs PLUGIN_WORKER_ID and PLUGIN_AUTHENTICATION_TOKEN "
                 "(or set FILEFEED_FEEDS=config/feeds.toml for embedded mode)"
             )
+        if self.database_url is not None:
+            url = self.database_url.get_secret_value()
+            if not url.startswith(("postgresql://", "postgres://")):
+                raise ValueError("FILEFEED_DATABASE_URL: must start with postgresql:// (user, host, port, database)")
+            if self.database_orphan_seconds < 2 * self.database_lease_seconds:
+                raise ValueError("FILEFEED_DATABASE_ORPHAN_SECONDS: must be at least twice "
+                                 "FILEFEED_DATABASE_LEASE_SECONDS")
         return self
 
     @property

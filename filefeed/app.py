@@ -33,7 +33,7 @@ from filefeed.protocol import (
     parse_json_body,
     require_str,
 )
-from pipeline import batch, delivery, lanes, ledger, recent_rows, scheduler, troubleshoot
+from pipeline import batch, delivery, lanes, ledger, recent_rows, scheduler, shared, troubleshoot
 from pipeline.identifiers import RequestError, check_identifier_count
 from pipeline.ingest import ingest_update
 from pipeline.staging import Staging
@@ -343,6 +343,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
         plugin = Plugin(settings, source)
         app.state.plugin = plugin
         ledger.configure(settings.ledger_retention_days)
+        await run_in_threadpool(shared.configure, settings.staging_dir, settings)  # FILEFEED_DATABASE_URL
         await run_in_threadpool(ledger.migrate_on_start, settings.staging_dir)  # old published/ folders, once
         await run_in_threadpool(plugin.staging.recover)
         metrics.start_gauges(plugin.staging, settings.metrics_refresh_seconds)
@@ -366,6 +367,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
             await run_in_threadpool(metrics.stop_gauges, plugin.staging)
             await plugin.staging.aclose()
             await plugin.source.aclose()
+            await run_in_threadpool(shared.forget, settings.staging_dir)
 
     app = Starlette(routes=routes(), lifespan=lifespan)
     return hotpath.HotRoutes(app, {f"/v1/{name}": feed_endpoint(name, FEED_ROUTES[name]) for name in HOT_ROUTES})

@@ -20,7 +20,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from filefeed import ops_cli, verify_cli  # noqa: F401  - they register status, inspect, flush, retry, verify
+from filefeed import db_cli, ops_cli, verify_cli  # noqa: F401  - they register status, inspect, flush, retry, verify, db
 from filefeed.cli_base import EXIT_ENVIRONMENT, OperatorError, app, err, main, out, plural, print_json
 from filefeed.cli_base import settings as load_checked_settings
 
@@ -34,7 +34,10 @@ def serve(
     port: int = typer.Option(None, help="port (default PLUGIN_PORT, 8080)"),
 ) -> None:
     """Run the plugin HTTP server."""
-    settings = load_checked_settings(write=True)
+    settings = load_checked_settings(write=True, shared=True)  # schema upgraded once, before any worker starts
+    from pipeline import shared
+
+    shared.forget(settings.staging_dir)  # the workers open their own pools
     import uvicorn
 
     from filefeed import logs, metrics

@@ -48,8 +48,9 @@ class OperatorError(Exception):
         super().__init__("; ".join(self.lines))
 
 
-def settings(*, write: bool = False) -> ServiceSettings:
-    """The validated settings; the embedded feeds file readable; the staging folder usable (writable if `write`)."""
+def settings(*, write: bool = False, shared: bool = False) -> ServiceSettings:
+    """The validated settings; the embedded feeds file readable; the staging folder usable (writable if `write`);
+    with `shared` (commands that roll), the shared database reachable and its schema upgraded."""
     try:
         s = load_settings()
     except SettingsError as e:
@@ -68,7 +69,23 @@ def settings(*, write: bool = False) -> ServiceSettings:
     delivery.configure(s)  # sink deadlines and leftover age, as in the server
     ledger.configure(s.ledger_retention_days)
     recent_rows.configure(s.dedup_seconds, s.dedup_max_rows)  # `filefeed flush` rolls like the server
+    if shared:
+        connect_shared(s)
     return s
+
+
+def connect_shared(s: ServiceSettings) -> None:
+    """FILEFEED_DATABASE_URL: reachable, schema upgraded, the staging root's rolls sharing it; one line if not."""
+    if s.database_url is None:
+        return
+    from pipeline import shared as shared_state
+
+    try:
+        shared_state.configure(s.staging_dir, s)
+    except shared_state.SharedStateError as e:
+        raise OperatorError(f"filefeed: {e}",
+                            "  fix: start the database or correct FILEFEED_DATABASE_URL (the role needs no "
+                            "superuser: it owns its database)", code=EXIT_ENVIRONMENT) from None
 
 
 def check_staging_dir(root: Path, *, write: bool) -> None:

@@ -237,6 +237,15 @@ class StagingGauges:
                 from pipeline import ledger
 
                 ledger.prune(self.staging.root)
+                from pipeline import shared
+
+                state = shared.for_root(self.staging.root)
+                if state is not None:
+                    from pipeline.shared.rolls import prune
+
+                    prune(state, ledger.retention_seconds())
+            except OSError as e:  # the shared database unreachable: told once a pass, never a traceback
+                log.warning("metrics: pruning the ledger failed: %s", e)
             except Exception:  # noqa: BLE001
                 log.exception("metrics: pruning the ledger failed")
             self._stop.wait(self.interval)

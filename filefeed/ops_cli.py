@@ -404,7 +404,7 @@ def flush(feed: str | None = typer.Option(None, help="only this feed"),
     """Roll and publish everything staged now, whatever its age (safe while the server runs). Exit 1 if a roll
     failed or a feed has no valid configuration."""
     started = time.monotonic()
-    settings = checked_settings(write=not dry_run)
+    settings = checked_settings(write=not dry_run, shared=not dry_run)
     concurrency = concurrency or settings.flush_concurrency
     parts = _partitions(settings, feed)
     if dry_run:
@@ -463,7 +463,7 @@ def retry(feed: str | None = typer.Option(None, help="only this feed"),
     from pipeline.rollover import RollOutcome, failed_rolls, retry_failed
     from sinks import SinkError
 
-    settings = checked_settings(write=True)
+    settings = checked_settings(write=True, shared=True)
     parts = [p for p in _all_partitions(settings, feed) if failed_rolls(settings.staging_dir, p)]
     snapshots = snapshot.failed_snapshots(settings.staging_dir, _all_partitions(settings, feed))
     parts += list(snapshots)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +263,29 @@ class RollDedup:
         if not self.kept:
             return np.zeros(0, np.uint64)
         return np.sort(np.concatenate(self.kept)[-self.max_rows:])
+
+
+class ClaimingDedup(RollDedup):
+    """With a shared database: drops rows seen earlier in the roll, then claims the rest for this roll there
+    (pipeline.shared.rolls); rows a published roll of any replica delivered are dropped. No local window: the
+    database's claims are the memory, for the ledger's retention."""
+
+    def __init__(self, claim: Callable[[np.ndarray], np.ndarray], max_rows: int):
+        super().__init__(np.zeros(0, np.uint64), max_rows)
+        self.claim = claim
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if not batch.num_rows:
+            return batch
+        h = row_hashes(batch)
+        keep = self.seen.add_new(h)
+        first = np.flatnonzero(keep)
+        owned = self.claim(h[first])
+        keep[first[~owned]] = False
+        kept = int(np.count_nonzero(keep))
+        self.dropped += len(h) - kept
+        self.kept.append(h[keep])
+        return batch if kept == len(h) else batch.filter(pa.array(keep))
 
 
 def save_kept(path: Path, hashes: np.ndarray) -> None:

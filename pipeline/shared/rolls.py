@@ -160,8 +160,10 @@ class SharedRoll:
                             why)
 
     def _resolve_orphans(self, holders: Mapping[int, _Holder]) -> bool:
-        """Publishing rolls silent beyond the orphan time: looked up at the destination, then released (no file
-        there) or adopted (every file there). True when every holder was resolved."""
+        """Publishing rolls silent beyond the orphan time (their replica gone), looked up at the destination:
+        none of their files there -> released; every data file there -> their missing manifest and markers
+        published from the recorded bytes, then published (adopted); some data files -> left to an operator.
+        True when every holder was resolved."""
         if self.sink is None:
             return False
         resolved = True
@@ -169,27 +171,52 @@ class SharedRoll:
             if holder.silent_seconds < self.state.orphan_seconds:
                 resolved = False
                 continue
-            names = published_names(holder.files)
-            present = [self.sink.stat(n) is not None for n in names]  # outside any transaction: a remote call
+            files = holder.files or {}
+            data = [f["name"] for f in files.get("files", [])]
+            finishing = [n for n in published_names(files) if n not in data]
+            # outside any transaction: remote calls
+            data_present = [self.sink.stat(n) is not None for n in data]
+            finishing_present = [self.sink.stat(n) is not None for n in finishing]
+            decision = "partial"
+            if not any(data_present) and not any(finishing_present):
+                decision = "release"
+            elif all(data_present):
+                bodies = files.get("bodies") or {}
+                missing = [n for n, there in zip(finishing, finishing_present, strict=True) if not there]
+                if all(n in bodies for n in missing):
+                    self._publish_finishing(missing, bodies)
+                    decision = "adopt"
             with self.lease.fenced("resolving an abandoned roll") as conn:
                 still = conn.execute("SELECT 1 FROM rolls WHERE id = %s AND state = 'publishing' AND "
                                      "heartbeat_at < now() - make_interval(secs => %s)",
                                      (holder.id, self.state.orphan_seconds)).fetchone()
                 if still is None:
                     continue  # it woke up, or another replica resolved it: claim again
-                if not any(present):
+                if decision == "release":
                     self._release(conn, [holder.id], f"silent {holder.silent_seconds:.0f} s, none of its "
-                                                     f"{len(names)} files at the destination")
-                elif all(present):
+                                                     f"{len(data) + len(finishing)} files at the destination")
+                elif decision == "adopt":
                     conn.execute("UPDATE rolls SET state = 'published', published_at = now(), "
                                  "entry = jsonb_build_object('adopted_by', %s::text, 'files', files) WHERE id = %s",
                                  (self.state.replica, holder.id))
-                    log.warning("%s: roll %s of replica %s adopted as published (silent %.0f s, all %d files at "
-                                "the destination)", self.lease.partition, holder.roll_id, holder.replica,
-                                holder.silent_seconds, len(names))
+                    log.warning("%s: roll %s of replica %s adopted as published (silent %.0f s, its %d data files "
+                                "at the destination)", self.lease.partition, holder.roll_id, holder.replica,
+                                holder.silent_seconds, len(data))
                 else:
                     resolved = False
         return resolved
+
+    def _publish_finishing(self, names: list[str], bodies: Mapping[str, str]) -> None:
+        """Publish an abandoned roll's missing manifest / markers from the bytes its replica recorded."""
+        import tempfile
+        from pathlib import Path
+
+        assert self.sink is not None
+        with tempfile.TemporaryDirectory(prefix="filefeed-adopt-") as tmp:
+            for i, name in enumerate(names):
+                local = Path(tmp) / f"{i:05d}"
+                local.write_text(bodies[name], "utf-8")
+                self.sink.publish(local, name)
 
     # -- publishing --------------------------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ from tests.reliability.helpers import batch_body, run_cli, update_body
 FEED = "42"
 
 
-def feed_props(dest: Path) -> dict:
-    return {"destination_uri": dest.as_uri(), "identifier_types": "USER_ACCOUNT"}
+def feed_props(dest: Path, **extra) -> dict:
+    return {"destination_uri": dest.as_uri(), "identifier_types": "USER_ACCOUNT", **extra}
 
 
 def shared_env(url: str, replica: str, **extra: str) -> dict[str, str]:
@@ -27,9 +27,10 @@ def shared_env(url: str, replica: str, **extra: str) -> dict[str, str]:
 
 
 def start_replica(group, tmp: Path, dest: Path, url: str | None, replica: str, workers: int = 1,
-                  **extra: str) -> FilefeedServer:
+                  props: dict | None = None, **extra: str) -> FilefeedServer:
     env = shared_env(url, replica, **extra) if url else {"FILEFEED_REPLICA_ID": replica, **extra}
-    return group.start(feeds={FEED: feed_props(dest)}, env=env, staging=tmp / f"staging-{replica}", workers=workers)
+    return group.start(feeds={FEED: feed_props(dest, **(props or {}))}, env=env, staging=tmp / f"staging-{replica}",
+                       workers=workers)
 
 
 def update(srv: FilefeedServer, ids: list[str], timeout: float = 30) -> list[dict]:

@@ -127,3 +127,21 @@ def test_dashboard_shows_every_metric_family() -> None:
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in exported_series() if not n.endswith(("_sum", "_count"))}
     shown = {re.sub(r"_bucket$", "", n) for n in dashboard_series()}
     assert not families - shown, f"metrics without a panel: {sorted(families - shown)}"
+
+
+def test_several_replicas_share_a_database_and_name_themselves() -> None:
+    """Replicas with volumes of their own deliver once only through FILEFEED_DATABASE_URL (tests/shared), and each
+    needs a stable replica id of its own: the pod name, which stays with its volume."""
+    if kind("StatefulSet")["spec"]["replicas"] <= 1:
+        return
+    env = {e["name"]: e for e in container()["env"]}
+    assert env["FILEFEED_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"], env  # a Secret, never a literal
+    assert "value" not in env["FILEFEED_DATABASE_URL"]
+    assert env["FILEFEED_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    from config.settings import ServiceSettings
+
+    assert ServiceSettings.model_fields["replica_id"].metadata  # the pattern pod names satisfy
+    import re as _re
+
+    pattern = next(m.pattern for m in ServiceSettings.model_fields["replica_id"].metadata if hasattr(m, "pattern"))
+    assert _re.fullmatch(pattern, "filefeed-2")

@@ -250,7 +250,7 @@ class Lease:
         """Show we are alive (mtime), at most every LEASE_HEARTBEAT_SECONDS; raise LeaseLost if it is not ours."""
         if self.shared is not None:
             # before each file published (force): a zombie stops within one lease period of losing the database
-            self.shared.renew() if force else self.shared.renew_if_due()
+            self.shared.renew_before_publishing() if force else self.shared.renew_if_due()
         now = time.monotonic()
         if not force and now - self._last_beat < LEASE_HEARTBEAT_SECONDS:
             return

@@ -84,6 +84,12 @@ class SharedLease:
         with self.fenced(what):
             pass
 
+    def renew_before_publishing(self) -> None:
+        """Before a file is published: renewed unless that was done within the last second (the transaction that
+        recorded the roll's files renews it too), so a publish always starts within a lease known to be valid."""
+        if time.monotonic() - self.renewed_at >= min(1.0, self.state.lease_seconds / 4):
+            self.renew("renewing the roll lease before publishing")
+
     def renew_if_due(self) -> None:
         """At most every third of the lease period: cheap enough for every heartbeat of a long encode."""
         if time.monotonic() - self.renewed_at >= self.state.lease_seconds / 3:

@@ -116,4 +116,7 @@ def test_every_documented_crash_point_is_exercised() -> None:
     from pipeline.rollover import CRASH_POINTS
 
     covered = {p.split(":")[0] + (":N" if ":" in p else "") for p in CSV_POINTS}
-    assert covered == set(CRASH_POINTS)
+    # a point only a roll with the shared database passes: killed there in tests/shared/test_volume_lost.py
+    shared_only = {"publishing"}
+    assert '"publishing"' in (Path(__file__).parents[1] / "shared" / "test_volume_lost.py").read_text()
+    assert covered | shared_only == set(CRASH_POINTS)

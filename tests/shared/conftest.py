@@ -13,7 +13,6 @@ from tests.reliability.conftest import group  # noqa: F401 - the server group fi
 from tests.shared.proxy import Proxy
 
 
-
 @pytest.fixture
 def database(servers) -> Iterator[str]:
     """postgresql:// URL of an empty database for this test (dropped after it)."""

@@ -136,6 +136,11 @@ def main() -> None:
                   f"(rounds: {', '.join(format(r, ',.0f') for r in rs)}); counted {sent[name]:,} of "
                   f"{n * args.batches * args.rounds:,}")
         print(f"  batch_update ratio shared/embedded {sum(rates['shared']) / sum(rates['embedded']):.2f}")
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            claims, size = conn.execute("SELECT count(*), pg_total_relation_size('claims') FROM claims").fetchone()
+        print(f"  row claims in the database: {claims:,}, {size / max(claims, 1):.0f} bytes each (table + indexes)")
         print(f"  {load_average()}")
     finally:
         for proc, _ in procs.values():

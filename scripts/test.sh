@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: install everything, start S3 (SeaweedFS), SFTP (OpenSSH) and GCS (fake-gcs-server) on
-# 127.0.0.1, run pytest (extra arguments are passed to it), stop the servers by PID whatever happens.
+# The test command: install everything, start S3 (SeaweedFS), SFTP (OpenSSH), GCS (fake-gcs-server) and
+# PostgreSQL on 127.0.0.1, run pytest (extra arguments are passed to it), stop the servers by PID whatever happens.
 # A server that cannot start fails the run: tests that need a server never skip.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

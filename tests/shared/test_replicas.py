@@ -71,3 +71,21 @@ def test_update_retried_on_another_replica_is_delivered_once(group, tmp_path, da
         answer = batch(srv, items)
         assert answer["status"] == "OK" and answer["sent_items_in_success"] == 30, answer
     assert read_local(dest).check(acked(ids))["duplicated"] == 0
+
+
+def test_large_batches_meet_on_two_replicas_once(group, tmp_path, database):
+    """12,000 rows staged on A, their batch published by B, then A's flush: every row of A's roll conflicts with a
+    claim of B's (the lookup of 12,000 holders must stay well inside the 2 s statement deadline)."""
+    from tests.reliability.helpers import stage_rows
+
+    dest = tmp_path / "out"
+    a = start_replica(group, tmp_path, dest, database, "a")
+    b = start_replica(group, tmp_path, dest, database, "b")
+    ids = [f"big{i}" for i in range(12_000)]
+    items = stage_rows(a, ids, per_request=1000)
+    answer = batch(b, items, timeout=120)
+    assert answer["status"] == "OK" and answer["sent_items_in_success"] == len(ids), answer
+    p = flush(a)
+    assert p.returncode == 0, p.stdout + p.stderr
+    check = read_local(dest).check(acked(ids))
+    assert check == {"lost": 0, "duplicated": 0, "partial": 0, "temp_leftovers": 0}, check

@@ -52,3 +52,10 @@ def batch(srv: FilefeedServer, items: list, timeout: float = 60) -> dict:
 def flush(srv: FilefeedServer, *extra: str, timeout: float = 120, env: dict[str, str] | None = None):
     p = run_cli({**srv.env, **(env or {})}, "flush", *extra, timeout=timeout)
     return p
+
+
+def two_replicas(group, tmp: Path, url_a: str | None, url_b: str | None, **kw) -> tuple[Path, FilefeedServer,
+                                                                                       FilefeedServer]:
+    """Replicas "a" and "b" delivering to one folder: (that folder, a, b)."""
+    dest = tmp / "out"
+    return (dest, start_replica(group, tmp, dest, url_a, "a", **kw), start_replica(group, tmp, dest, url_b, "b", **kw))

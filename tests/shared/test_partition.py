@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.reliability.helpers import REPO, read_local
 from tests.shared.conftest import via
-from tests.shared.helpers import batch, flush, start_replica, update
+from tests.shared.helpers import batch, flush, two_replicas, update
 
 pytestmark = pytest.mark.reliability
 
@@ -47,9 +47,7 @@ def test_replica_cut_off_holding_the_lease_never_publishes_after_losing_it(group
     """encode: its roll holds claims, nothing recorded to publish -> taken back at once by the other replica.
     publishing: its files are recorded -> the others wait (RETRY) until it is silent for the orphan time, find
     none of its files at the destination, and take its rows back."""
-    dest = tmp_path / "out"
-    a = start_replica(group, tmp_path, dest, via(database, db_proxy), "a")
-    b = start_replica(group, tmp_path, dest, database, "b")
+    dest, a, b = two_replicas(group, tmp_path, via(database, db_proxy), database)
     ids = [f"z{i}" for i in range(25)]
     items = update(a, ids)
     flag = tmp_path / "paused"
@@ -85,9 +83,7 @@ def test_replica_cut_off_holding_the_lease_never_publishes_after_losing_it(group
 
 
 def test_replica_killed_mid_publish_resumes_and_others_wait(group, tmp_path, database):
-    dest = tmp_path / "out"
-    a = start_replica(group, tmp_path, dest, database, "a")
-    b = start_replica(group, tmp_path, dest, database, "b")
+    dest, a, b = two_replicas(group, tmp_path, database, database)
     ids = [f"k{i}" for i in range(25)]
     items = update(a, ids)
     p = flush(a, env={"FILEFEED_CRASH_AT": "publish:1"})  # dies like kill -9 after its data file

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.reliability.helpers import read_local
-from tests.shared.helpers import batch, flush, start_replica, update
+from tests.shared.helpers import batch, flush, two_replicas, update
 
 pytestmark = pytest.mark.reliability
 
@@ -23,9 +23,7 @@ def acked(ids: list[str]) -> set[tuple[str, str, str]]:
 
 def test_without_database_a_batch_on_another_replica_duplicates(group, tmp_path):
     """The defect (issue 16's measurement): rows staged on A, their batch published by B, then A's own flush."""
-    dest = tmp_path / "out"
-    a = start_replica(group, tmp_path, dest, None, "a")
-    b = start_replica(group, tmp_path, dest, None, "b")
+    dest, a, b = two_replicas(group, tmp_path, None, None)
     ids = [f"u{i}" for i in range(20)]
     items = update(a, ids[:10]) + update(a, ids[10:])
     assert batch(b, items)["status"] == "OK"
@@ -35,9 +33,7 @@ def test_without_database_a_batch_on_another_replica_duplicates(group, tmp_path)
 
 
 def test_batch_on_another_replica_is_delivered_once(group, tmp_path, database):
-    dest = tmp_path / "out"
-    a = start_replica(group, tmp_path, dest, database, "a")
-    b = start_replica(group, tmp_path, dest, database, "b")
+    dest, a, b = two_replicas(group, tmp_path, database, database)
     ids = [f"u{i}" for i in range(20)]
     items = update(a, ids[:10]) + update(a, ids[10:])
     answer = batch(b, items)
@@ -54,9 +50,7 @@ def test_batch_on_another_replica_is_delivered_once(group, tmp_path, database):
 
 
 def test_update_retried_on_another_replica_is_delivered_once(group, tmp_path, database):
-    dest = tmp_path / "out"
-    a = start_replica(group, tmp_path, dest, database, "a")
-    b = start_replica(group, tmp_path, dest, database, "b")
+    dest, a, b = two_replicas(group, tmp_path, database, database)
     ids = [f"r{i}" for i in range(30)]
     items_a = update(a, ids)
     items_b = update(b, ids)  # the platform's retry, on another replica
@@ -78,9 +72,7 @@ def test_large_batches_meet_on_two_replicas_once(group, tmp_path, database):
     claim of B's (the lookup of 12,000 holders must stay well inside the 2 s statement deadline)."""
     from tests.reliability.helpers import stage_rows
 
-    dest = tmp_path / "out"
-    a = start_replica(group, tmp_path, dest, database, "a")
-    b = start_replica(group, tmp_path, dest, database, "b")
+    dest, a, b = two_replicas(group, tmp_path, database, database)
     ids = [f"big{i}" for i in range(12_000)]
     items = stage_rows(a, ids, per_request=1000)
     answer = batch(b, items, timeout=120)

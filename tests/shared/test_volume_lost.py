@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.reliability.helpers import read_local, run_cli
-from tests.shared.helpers import batch, flush, start_replica, update
+from tests.shared.helpers import batch, flush, two_replicas, update
 from tests.shared.test_partition import roll_state
 
 pytestmark = pytest.mark.reliability
@@ -35,9 +35,7 @@ def wait_orphaned(database: str) -> None:
 
 @pytest.mark.parametrize("crash_at", ["publishing", "publish:1"])
 def test_volume_lost_mid_roll_rows_arrive_once(group, tmp_path, database, crash_at):
-    dest = tmp_path / "out"
-    a = start_replica(group, tmp_path, dest, database, "a")
-    b = start_replica(group, tmp_path, dest, database, "b")
+    dest, a, b = two_replicas(group, tmp_path, database, database)
     ids = [f"v{i}" for i in range(25)]
     items = update(a, ids)
     assert flush(a, env={"FILEFEED_CRASH_AT": crash_at}).returncode == 137
@@ -55,10 +53,7 @@ def test_volume_lost_mid_roll_rows_arrive_once(group, tmp_path, database, crash_
 
 
 def test_volume_lost_with_part_of_its_files_published_waits_for_the_operator(group, tmp_path, database):
-    dest = tmp_path / "out"
-    props = {"max_rows_per_file": 10}
-    a = start_replica(group, tmp_path, dest, database, "a", props=props)
-    b = start_replica(group, tmp_path, dest, database, "b", props=props)
+    dest, a, b = two_replicas(group, tmp_path, database, database, props={"max_rows_per_file": 10})
     ids = [f"p{i}" for i in range(25)]
     items = update(a, ids)
     assert flush(a, env={"FILEFEED_CRASH_AT": "publish:1"}).returncode == 137  # 1 of its 3 files published

@@ -7,6 +7,10 @@
   staging groups them (one write + fsync for all requests that arrive while the loop keeps finding new ones, at most
   INLINE_MAX_HOPS loop iterations). No identifiers, no frames, no dedup, no per-row answer: it is the ceiling of
   any durable endpoint on this stack and disk, and the gap between it and filefeed is filefeed's own work.
+- `create_raw_app`: the same parse-and-constant endpoint as a raw ASGI callable (no Starlette, no per-request
+  objects), served like filefeed: the most any endpoint on uvicorn + httptools can answer on this machine.
+- `rsgi_app`: the same endpoint on granian's RSGI interface (HTTP parsing and writing in Rust), for
+  `bench/ingest.py --peer node-sdk --ceiling`: what a change of server could reach at most.
 """
 
 from __future__ import annotations
@@ -91,3 +95,55 @@ def create_durable_app() -> Starlette:
 
     return Starlette(routes=[Route("/v1/user_segment_update", durable_update, methods=["POST"]),
                              Route("/v1/status", status, methods=["GET"])])
+
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def _raw_lifespan(receive, send) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            server.settle_gc()
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _parse_and_answer(body: bytes) -> tuple[int, bytes]:
+    if not body:  # GET /v1/status
+        return 200, b""
+    if not isinstance(orjson.loads(body), dict):
+        return 500, b'{"status":"error"}'
+    return 200, ANSWER
+
+
+def create_raw_app():  # type: ignore[no-untyped-def]
+    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] == "lifespan":
+            await _raw_lifespan(receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        code, answer = _parse_and_answer(b"".join(chunks))
+        await send({"type": "http.response.start", "status": code, "headers": _JSON_HEADERS})
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+class _RSGIApp:
+    def __rsgi_init__(self, loop) -> None:  # type: ignore[no-untyped-def]
+        server.settle_gc()
+
+    async def __rsgi__(self, scope, protocol) -> None:  # type: ignore[no-untyped-def]
+        code, answer = _parse_and_answer(await protocol())
+        protocol.response_bytes(code, [("content-type", "application/json")], answer)
+
+
+rsgi_app = _RSGIApp()

@@ -14,12 +14,17 @@ ceiling of filefeed's; filefeed/durable is the share left after filefeed's own w
 `--feeds N1,N2,...` measures the cost of partitions instead (see run_feeds): one filefeed server with max(N) feeds of
 one segment each, the same load spread over the first N feeds, rounds interleaved; it prints each N's figures and
 its ratio to the 1-feed (first N) figure. `--repo` runs the server from another checkout (the previous release).
+
+`--peer node-sdk --ceiling` adds, in the same alternated rounds, the parse-and-constant endpoint as a raw ASGI
+callable on filefeed's own server and on granian's RSGI interface (bench/bare_app.py): nothing durable, no framework,
+so their ratio to the peer is the most any endpoint on that HTTP server could reach on this machine under this load.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -281,13 +286,51 @@ def filefeed_and_peer(name: str, env: dict[str, str], workers: int, tmp: Path, f
         gateway.close()
 
 
+CEILINGS = ("raw-asgi", "rsgi")
+
+
+@contextlib.contextmanager
+def ceilings(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> Iterator[dict[str, tuple[subprocess.Popen, str]]]:
+    """With --ceiling: the parse-and-constant endpoint (bench/bare_app.py) as a raw ASGI callable on filefeed's own
+    server, and on granian's RSGI interface when granian is installed: what the HTTP stack alone allows."""
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    if not args.ceiling:
+        yield procs
+        return
+    commands = {"raw-asgi": [sys.executable, "-m", "bench.serve_bare", "bench.bare_app:create_raw_app", "--host",
+                             "127.0.0.1", "--workers", str(args.workers), "--port"]}
+    if importlib.util.find_spec("granian") is not None:
+        # single-threaded runtime: measured faster than the default on 2 cores (the Python thread is the bottleneck)
+        commands["rsgi"] = [sys.executable, "-m", "granian", "--interface", "rsgi", "--workers", str(args.workers),
+                            "--runtime-mode", "st", "--loop", "uvloop", "--no-log", "--host", "127.0.0.1", "--port"]
+    else:
+        print("  (granian not installed: pip install granian for the RSGI ceiling)")
+    try:
+        for name, cmd in commands.items():
+            port = free_port()
+            proc = subprocess.Popen([*cmd, str(port), *(["bench.bare_app:rsgi_app"] if name == "rsgi" else [])],
+                                    env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
+            procs[name] = (proc, f"http://127.0.0.1:{port}")
+            wait_ready(procs[name][1], proc)
+        yield procs
+    finally:
+        for proc, _ in procs.values():
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def peer_main(args: argparse.Namespace) -> None:
     """`--peer node-sdk`: filefeed (every row fsynced before its answer) against the official SDK's batched feed
     (nothing durable, Node's cluster on every core), the same wrk load and fresh identifiers, rounds alternated."""
     tmp, script, env = setup()
     acknowledged = sent_runs = 0
     print(f"before: {load_average()}")
-    with filefeed_and_peer(args.peer, env, args.workers, tmp, tmp / "delivery", IDENTIFIER_TYPES) as procs:
+    with filefeed_and_peer(args.peer, env, args.workers, tmp, tmp / "delivery", IDENTIFIER_TYPES) as procs, \
+            ceilings(args, env, tmp) as extra:
+        procs.update(extra)
         for name, (_, url) in procs.items():
             warm = run_wrk(url, 3, args.connections, args.wrk_threads, script)
             if name == "filefeed":
@@ -315,11 +358,16 @@ def peer_main(args: argparse.Namespace) -> None:
         for name, r in rnd.items():
             print(f"  round {i} {name:9s} {r['rps']:9,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
                   f"  server CPU {r['cpu_us']:5.0f} us/req  errors {r['errors'] + r['status_errors']}")
-        print(f"  round {i} ratio filefeed/{args.peer}: {rnd['filefeed']['rps'] / rnd[args.peer]['rps']:.2f}")
+        print(f"  round {i} ratio to {args.peer}: " + ", ".join(
+            f"{n} {rnd[n]['rps'] / rnd[args.peer]['rps']:.2f}" for n in rnd if n != args.peer))
     total = {n: sum(r[n]["requests"] for r in rounds) / (args.seconds * len(rounds)) for n in procs}
     ratio = total["filefeed"] / total[args.peer]
     print(f"  overall   filefeed {total['filefeed']:,.0f} req/s, {args.peer} {total[args.peer]:,.0f} req/s, ratio "
           f"{ratio:.2f}  (target >= 4.0: {'ok' if ratio >= 4.0 else 'NOT MET'})")
+    for name in [n for n in procs if n in CEILINGS]:
+        print(f"  ceiling   {name} (parse the body, answer a constant, nothing durable) {total[name]:,.0f} req/s: "
+              f"{total[name] / total[args.peer]:.2f}x {args.peer}; filefeed reaches {total['filefeed'] / total[name]:.2f}"
+              " of it")
     print("  RSS at the end: " + ", ".join(f"{n} {v:.0f} MB" for n, v in rss.items()))
     check_staged(tmp / "staging", acknowledged, args.connections * sent_runs, "filefeed")
     print(f"after: {load_average()}")
@@ -335,6 +383,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--soak", type=int, default=0, help="extra seconds of load reporting RSS (300 = 5 minutes)")
     ap.add_argument("--peer", choices=peer.PEERS, help="filefeed against this peer instead of the bare baselines")
+    ap.add_argument("--ceiling", action="store_true", help="with --peer: also a parse-and-constant endpoint on "
+                    "filefeed's server (raw ASGI) and on granian's RSGI, in the same rounds")
     ap.add_argument("--feeds", help="comma-separated feed counts: ingest spread over N feeds (see run_feeds)")
     ap.add_argument("--repo", help="with --feeds: run the server from this checkout (default: this one)")
     args = ap.parse_args()

@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     server.run(uvicorn.Config(args.factory, factory=True, host=args.host, port=args.port, workers=args.workers,
-                              loop="uvloop", http=server.HTTP_PROTOCOL, access_log=False, log_level="warning",
+                              loop="uvloop", http=server.HTTP_PROTOCOL, access_log=False, proxy_headers=False, log_level="warning",
                               timeout_graceful_shutdown=10))
 
 

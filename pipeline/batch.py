@@ -26,6 +26,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -66,6 +67,10 @@ class _PartitionWork:
     rows: list[tuple[tuple, str | None]] = field(default_factory=list)  # (row, ref or None)
 
 
+# The fields of a row item, read in one C call when all are present (the platform sends them all).
+_FIELDS = ("segment_id", "operation", "identifier_type", "identifier", "ts", "session_id", "datamart_id",
+           "user_point_id")
+_ALL_FIELDS = itemgetter(*_FIELDS)
 
 
 def _text(v: Any) -> str | None:
@@ -90,36 +95,53 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
     default_segment = context.get("segment_id")
     default_session = context.get("feed_session_id") or ""
     default_datamart = context.get("datamart_id") or ""
-    partitions: dict[tuple[str, str], _PartitionWork | None] = {}  # (segment_id, operation) -> its work
+    partitions: dict[tuple[Any, Any], _PartitionWork | None] = {}  # (segment_id, operation) -> its work
     refs: dict[str, str | None] = {}  # ref -> itself when it is a well-formed segment name, else None
     work: dict[Partition, _PartitionWork] = {}
     invalid = 0
     loads, decode_error, forbidden, max_len = orjson.loads, orjson.JSONDecodeError, _FORBIDDEN.search, MAX_VALUE_LENGTH
+    all_fields, text = _ALL_FIELDS, _text
     for raw in items:
-        if type(raw) is str or type(raw) is bytes:
-            check = (b"\\" if type(raw) is bytes else "\\") in raw
+        kind = type(raw)
+        if kind is str or kind is bytes:
+            check = (b"\\" if kind is bytes else "\\") in raw
             try:
                 raw = loads(raw)
             except decode_error:
                 invalid += 1
                 continue
-        else:
+            if type(raw) is not dict:
+                invalid += 1
+                continue
+        elif kind is dict:
             check = True
-        if type(raw) is not dict:
-            invalid += 1
-            continue
-        get = raw.get
-        segment_id = get("segment_id") or default_segment
-        if type(segment_id) is not str:
-            segment_id = _text(segment_id)
-        op = get("operation") or default_op
-        if segment_id is None or type(op) is not str:
-            invalid += 1
-            continue
-        key = (segment_id, op)
-        if key in partitions:
-            w = partitions[key]
         else:
+            invalid += 1
+            continue
+        try:
+            segment_id, op, id_type, ident, ts, session_id, datamart_id, user_point_id = all_fields(raw)
+        except KeyError:
+            get = raw.get
+            segment_id, op, id_type, ident, ts, session_id, datamart_id, user_point_id = (get(k) for k in _FIELDS)
+        segment_id = segment_id or default_segment
+        op = op or default_op
+        session_id = session_id or default_session
+        datamart_id = datamart_id or default_datamart
+        user_point_id = user_point_id or ""
+        if type(segment_id) is not str:
+            segment_id = text(segment_id)
+        if type(session_id) is not str:
+            session_id = text(session_id)
+        if type(datamart_id) is not str:
+            datamart_id = text(datamart_id)
+        if type(user_point_id) is not str:
+            user_point_id = text(user_point_id)
+        try:
+            w = partitions[segment_id, op]
+        except KeyError:
+            if segment_id is None or type(op) is not str:
+                invalid += 1
+                continue
             w = None
             if op in OPERATIONS:
                 try:
@@ -128,25 +150,18 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
                     partition = None
                 if partition is not None:
                     w = work[partition] = _PartitionWork()
-            partitions[key] = w
-        id_type, ident, ts = get("identifier_type"), get("identifier"), get("ts")
-        session_id = get("session_id") or default_session
-        datamart_id = get("datamart_id") or default_datamart
-        user_point_id = get("user_point_id") or ""
-        if type(session_id) is not str:
-            session_id = _text(session_id)
-        if type(datamart_id) is not str:
-            datamart_id = _text(datamart_id)
-        if type(user_point_id) is not str:
-            user_point_id = _text(user_point_id)
+            partitions[segment_id, op] = w
+        except TypeError:  # an unhashable operation
+            invalid += 1
+            continue
         if (w is None or type(id_type) is not str or type(ident) is not str or type(ts) is not int
-                or ts < MIN_TS_MS or ts > MAX_TS_MS or not id_type or not ident or session_id is None or datamart_id is None or user_point_id is None
-                or len(ident) > max_len
+                or ts < MIN_TS_MS or ts > MAX_TS_MS or not id_type or not ident or session_id is None
+                or datamart_id is None or user_point_id is None or len(ident) > max_len
                 or len(id_type) + len(ident) + len(session_id) + len(datamart_id) + len(user_point_id) > 5 * max_len
                 or (check and forbidden(id_type + ident + session_id + datamart_id + user_point_id))):
             invalid += 1
             continue
-        ref = get("ref")
+        ref = raw.get("ref")
         if ref is not None:
             if type(ref) is not str:
                 ref = None
@@ -158,8 +173,6 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
                 w.refs[ref] += 1
         w.rows.append(((id_type, ident, ts, session_id, datamart_id, user_point_id), ref))
     return {p: w for p, w in work.items() if w.rows}, invalid
-
-
 
 
 def locate_segment(staging: Staging, partition: Partition, name: str) -> str | None:

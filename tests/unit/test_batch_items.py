@@ -53,3 +53,20 @@ def test_rows_group_by_partition_with_refs_counted() -> None:
     assert set(work) == {upsert, delete, other}
     assert dict(work[upsert].refs) == {ref: 2} and [r for _, r in work[upsert].rows] == [ref, ref]
     assert dict(work[delete].refs) == {} and [r for _, r in work[delete].rows] == [None]  # malformed ref: none
+
+
+def test_items_with_every_field_and_items_relying_on_the_context_give_the_same_rows() -> None:
+    # every field present is read in one call; a missing one falls back to the batch's context, as before
+    full = {**GOOD, "segment_id": "451256", "operation": "UPSERT", "session_id": "s-1", "datamart_id": "1023"}
+    rows, invalid = rows_of([full, GOOD, orjson.dumps(full).decode(), {**full, "session_id": 7, "datamart_id": ""}])
+    assert invalid == 0
+    assert rows[:3] == [("USER_EMAIL", "ab" * 32, 1717494873000, "s-1", "1023", "up-1")] * 3
+    assert rows[3] == ("USER_EMAIL", "ab" * 32, 1717494873000, "7", "1023", "up-1")
+
+
+def test_unhashable_or_non_text_envelope_values_are_items_in_error() -> None:
+    items = [{**GOOD, "operation": ["UPSERT"]}, {**GOOD, "segment_id": {"a": 1}}, {**GOOD, "operation": 5},
+             {**GOOD, "session_id": 1.5}, {**GOOD, "user_point_id": [1]}, {**GOOD, "identifier_type": None}]
+    work, invalid = parse_items(CONTEXT, items + [GOOD])
+    assert invalid == len(items)
+    assert [len(w.rows) for w in work.values()] == [1]

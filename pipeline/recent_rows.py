@@ -158,10 +158,11 @@ class RecentRows:
         rolls = [(r, t) for r, t in self.rolls if r != roll_id and t >= planned_ms - window_ms] + [(roll_id, planned_ms)]
         rolls.sort(key=lambda rt: rt[0])
         # the newest rolls first, until max_rows
+        counts = np.bincount(self.rolls_of, minlength=len(self.rolls)) if len(self.rolls) else np.zeros(0, np.int64)
+        sizes = {r: int(counts[i]) for i, (r, _) in enumerate(self.rolls)}
+        sizes[roll_id] = len(kept)
         keep_rolls: list[tuple[str, int]] = []
         budget = max_rows
-        sizes = {r: int(np.count_nonzero(self.rolls_of == i)) for i, (r, _) in enumerate(self.rolls)}
-        sizes[roll_id] = len(kept)
         for r, t in reversed(rolls):
             if sizes.get(r, 0) > budget:
                 break
@@ -169,20 +170,20 @@ class RecentRows:
             keep_rolls.append((r, t))
         keep_rolls.reverse()
         index = {r: i for i, (r, _) in enumerate(keep_rolls)}
-        parts_h: list[np.ndarray] = []
-        parts_r: list[np.ndarray] = []
+        # old hashes of the rolls kept, renumbered, in one pass (still sorted); then this roll's, merged in
+        remap = np.full(len(self.rolls) + 1, -1, np.int64)
         for i, (r, _) in enumerate(self.rolls):
             if r in index and r != roll_id:
-                sel = self.rolls_of == i
-                parts_h.append(self.hashes[sel])
-                parts_r.append(np.full(int(np.count_nonzero(sel)), index[r], np.uint32))
-        if roll_id in index:
-            parts_h.append(kept)
-            parts_r.append(np.full(len(kept), index[roll_id], np.uint32))
-        hashes = np.concatenate(parts_h) if parts_h else np.zeros(0, np.uint64)
-        rolls_of = np.concatenate(parts_r) if parts_r else np.zeros(0, np.uint32)
-        order = np.argsort(hashes, kind="stable")
-        return RecentRows(hashes[order], rolls_of[order], keep_rolls)
+                remap[i] = index[r]
+        mapped = remap[self.rolls_of] if len(self.rolls_of) else np.zeros(0, np.int64)
+        selected = mapped >= 0
+        hashes, rolls_of = self.hashes[selected], mapped[selected].astype(np.uint32)
+        if roll_id in index and len(kept):
+            new = np.sort(np.asarray(kept, np.uint64))
+            at = np.searchsorted(hashes, new)
+            hashes = np.insert(hashes, at, new)
+            rolls_of = np.insert(rolls_of, at, np.full(len(new), index[roll_id], np.uint32))
+        return RecentRows(hashes, rolls_of, keep_rolls)
 
     def save(self, pdir: Path) -> None:
         table = pa.table({"hash": pa.array(self.hashes, pa.uint64()), "roll": pa.array(self.rolls_of, pa.uint32())})

@@ -261,13 +261,18 @@ class RollDedup:
         pos[pos == len(self.known)] = 0
         return self.known[pos] != h
 
+    def _keep(self, h: np.ndarray) -> np.ndarray:
+        """One row of each hash nothing before had, in the roll or the window."""
+        keep = self._new_in_window(h)
+        fresh = np.flatnonzero(keep)
+        keep[fresh] = self.seen.add_new(h[fresh])
+        return keep
+
     def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if not batch.num_rows:
             return batch
         h = row_hashes(batch)
-        keep = self._new_in_window(h)
-        fresh = np.flatnonzero(keep)
-        keep[fresh] = self.seen.add_new(h[fresh])  # one row of each hash nothing before had (in the roll or window)
+        keep = self._keep(h)
         kept = int(np.count_nonzero(keep))
         self.dropped += len(h) - kept
         self.kept.append(h[keep])
@@ -289,18 +294,11 @@ class ClaimingDedup(RollDedup):
         super().__init__(np.zeros(0, np.uint64), max_rows)
         self.claim = claim
 
-    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        if not batch.num_rows:
-            return batch
-        h = row_hashes(batch)
+    def _keep(self, h: np.ndarray) -> np.ndarray:
         keep = self.seen.add_new(h)
         first = np.flatnonzero(keep)
-        owned = self.claim(h[first])
-        keep[first[~owned]] = False
-        kept = int(np.count_nonzero(keep))
-        self.dropped += len(h) - kept
-        self.kept.append(h[keep])
-        return batch if kept == len(h) else batch.filter(pa.array(keep))
+        keep[first[~self.claim(h[first])]] = False
+        return keep
 
 
 def save_kept(path: Path, hashes: np.ndarray) -> None:

@@ -266,13 +266,17 @@ class Lease:
         if _lease_token(self.path) == self.token:
             self.path.unlink(missing_ok=True)
 
-    def take_shared(self, root: Path | str, partition: Partition, wait_seconds: float) -> bool:
-        """With a shared database: also take the partition's lease there; False when another replica holds it."""
+    def take_shared(self, root: Path | str, partition: Partition, wait_seconds: float) -> RollOutcome | None:
+        """With a shared database: also take the partition's lease there. None when this lease may roll; else the
+        outcome to answer ("busy": another replica holds it; "transient": the database could not be reached)."""
         state = for_root(root)
         if state is None:
-            return True
-        self.shared = SharedLease.acquire(state, partition, wait_seconds=wait_seconds)
-        return self.shared is not None
+            return None
+        try:
+            self.shared = SharedLease.acquire(state, partition, wait_seconds=wait_seconds)
+        except SharedStateError as e:
+            return RollOutcome(status="transient", error=str(e), error_kind="database")
+        return None if self.shared is not None else RollOutcome(status="busy")
 
 
 def _lease_token(path: Path) -> str | None:
@@ -1055,11 +1059,9 @@ def roll_partition(
     if lease is None:
         return RollOutcome(status="busy")
     try:
-        try:
-            if not lease.take_shared(root, partition, max(0.0, wait_seconds - (time.monotonic() - started))):
-                return RollOutcome(status="busy")
-        except SharedStateError as e:
-            return RollOutcome(status="transient", error=str(e), error_kind="database")
+        refused = lease.take_shared(root, partition, max(0.0, wait_seconds - (time.monotonic() - started)))
+        if refused is not None:
+            return refused
         return _roll_locked(pdir, partition, props, sink, lease, now or datetime.now(UTC), datamart_id, kind)
     finally:
         lease.release()
@@ -1087,11 +1089,9 @@ def retry_failed(
     if lease is None:
         return RollOutcome(status="busy")
     try:
-        try:
-            if not lease.take_shared(root, partition, wait_seconds):
-                return RollOutcome(status="busy")
-        except SharedStateError as e:
-            return RollOutcome(status="transient", error=str(e), error_kind="database")
+        refused = lease.take_shared(root, partition, wait_seconds)
+        if refused is not None:
+            return refused
         wanted = set(roll_ids) if roll_ids is not None else None
         rolling = pdir / ROLLING
         rolling.mkdir(exist_ok=True)

@@ -9,6 +9,8 @@
   any durable endpoint on this stack and disk, and the gap between it and filefeed is filefeed's own work.
 - `create_raw_app`: the same parse-and-constant endpoint as a raw ASGI callable (no Starlette, no per-request
   objects), served like filefeed: the most any endpoint on uvicorn + httptools can answer on this machine.
+- `create_direct_app`: the same endpoint answered straight from the HTTP protocol's parser callbacks, the way
+  filefeed's hot routes are served (filefeed/hotpath.py `DirectRoutesProtocol`).
 - `rsgi_app`: the same endpoint on granian's RSGI interface (HTTP parsing and writing in Rust), for
   `bench/ingest.py --peer node-sdk --ceiling`: what a change of server could reach at most.
 """
@@ -134,6 +136,27 @@ def create_raw_app():  # type: ignore[no-untyped-def]
         await send({"type": "http.response.start", "status": code, "headers": _JSON_HEADERS})
         await send({"type": "http.response.body", "body": answer})
 
+    return app
+
+
+class _ConstantEndpoint:
+    """The parse-and-constant endpoint in the shape filefeed/hotpath.py serves straight from the protocol."""
+
+    def serve(self, plugin, raw: bytes, exchange) -> None:  # type: ignore[no-untyped-def]
+        code, answer = _parse_and_answer(raw)
+        exchange.respond(Response(answer, code, media_type="application/json"))
+
+
+def create_direct_app():  # type: ignore[no-untyped-def]
+    """`create_raw_app`, with POST /v1/user_segment_update answered by filefeed's direct protocol path (the serving
+    path filefeed's hot routes take): the most that path allows with nothing durable behind it."""
+    app = create_raw_app()
+
+    class _State:
+        plugin = None
+
+    app.direct_routes = {b"/v1/user_segment_update": _ConstantEndpoint()}  # type: ignore[attr-defined]
+    app.state = _State()  # type: ignore[attr-defined]
     return app
 
 

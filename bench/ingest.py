@@ -16,8 +16,9 @@ one segment each, the same load spread over the first N feeds, rounds interleave
 its ratio to the 1-feed (first N) figure. `--repo` runs the server from another checkout (the previous release).
 
 `--peer node-sdk --ceiling` adds, in the same alternated rounds, the parse-and-constant endpoint as a raw ASGI
-callable on filefeed's own server and on granian's RSGI interface (bench/bare_app.py): nothing durable, no framework,
-so their ratio to the peer is the most any endpoint on that HTTP server could reach on this machine under this load.
+callable on filefeed's own server, answered straight from the protocol as filefeed's hot routes are (`direct`), and on
+granian's RSGI interface (bench/bare_app.py): nothing durable, no framework, so their ratio to the peer is the most
+any endpoint on that serving path could reach on this machine under this load.
 """
 
 from __future__ import annotations
@@ -286,19 +287,21 @@ def filefeed_and_peer(name: str, env: dict[str, str], workers: int, tmp: Path, f
         gateway.close()
 
 
-CEILINGS = ("raw-asgi", "rsgi")
+CEILINGS = ("raw-asgi", "direct", "rsgi")
 
 
 @contextlib.contextmanager
 def ceilings(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> Iterator[dict[str, tuple[subprocess.Popen, str]]]:
     """With --ceiling: the parse-and-constant endpoint (bench/bare_app.py) as a raw ASGI callable on filefeed's own
-    server, and on granian's RSGI interface when granian is installed: what the HTTP stack alone allows."""
+    server, answered from the protocol the way filefeed's hot routes are (`direct`), and on granian's RSGI interface
+    when granian is installed: what each HTTP path alone allows."""
     procs: dict[str, tuple[subprocess.Popen, str]] = {}
     if not args.ceiling:
         yield procs
         return
-    commands = {"raw-asgi": [sys.executable, "-m", "bench.serve_bare", "bench.bare_app:create_raw_app", "--host",
-                             "127.0.0.1", "--workers", str(args.workers), "--port"]}
+    commands = {name: [sys.executable, "-m", "bench.serve_bare", f"bench.bare_app:{factory}", "--host",
+                       "127.0.0.1", "--workers", str(args.workers), "--port"]
+                for name, factory in (("raw-asgi", "create_raw_app"), ("direct", "create_direct_app"))}
     if importlib.util.find_spec("granian") is not None:
         # single-threaded runtime: measured faster than the default on 2 cores (the Python thread is the bottleneck)
         commands["rsgi"] = [sys.executable, "-m", "granian", "--interface", "rsgi", "--workers", str(args.workers),

@@ -35,7 +35,7 @@ from filefeed.protocol import (
 )
 from pipeline import batch, delivery, lanes, ledger, recent_rows, scheduler, shared, troubleshoot
 from pipeline.identifiers import RequestError, check_identifier_count
-from pipeline.ingest import ingest_update
+from pipeline.ingest import StagedUpdate, stage_update
 from pipeline.staging import Staging
 
 log = logging.getLogger("filefeed")
@@ -66,43 +66,95 @@ class Plugin:
 
 
 FeedHandler = Callable[[Plugin, dict[str, Any]], Awaitable[Response]]
-FeedEndpoint = Callable[[Plugin, Callable[[], Awaitable[bytes]]], Awaitable[Response]]
+# The synchronous start of a hot handler (filefeed/hotpath.py): the answer, the staged update to wait for, or None
+# when it needs to wait for something else first (then the async handler serves the request).
+FeedStart = Callable[[Plugin, dict[str, Any]], "Response | StagedUpdate | None"]
 
 
-def feed_endpoint(route: str, handler: FeedHandler, *, creation: bool = False) -> FeedEndpoint:
-    """Wrap a feed POST handler with the SDK's filters: body parsing, empty-body 500, exceptions as 500 error.
+class FeedEndpoint:
+    """A feed POST handler with the SDK's filters: body parsing, empty-body 500, exceptions as 500 error.
 
-    The result takes the plugin and a body reader, so the Starlette route and the hot path (filefeed/hotpath.py)
-    serve the same endpoint."""
+    Served two ways with the same answers: `await endpoint(plugin, read)` (the Starlette route and the ASGI hot path),
+    and `endpoint.serve(plugin, body, exchange)` straight from the HTTP protocol (filefeed/hotpath.py). There, a
+    handler with a synchronous `start` answers without a coroutine or a task whenever it has everything at hand.
+    """
 
-    async def endpoint(plugin: Plugin, read: Callable[[], Awaitable[bytes]]) -> Response:
+    def __init__(self, route: str, handler: FeedHandler, *, creation: bool = False, start: FeedStart | None = None):
+        self.route = route
+        self.handler = handler
+        self.creation = creation
+        self.start = start
+
+    async def __call__(self, plugin: Plugin, read: Callable[[], Awaitable[bytes]]) -> Response:
         started = time.perf_counter()
         body: Any = None
         try:
             body = parse_json_body(await read())
-            response = await handler(plugin, body)
-        except MissingBody:
-            response = missing_body_response()
-        except ClientDisconnect:  # the body never came whole (filefeed.guard closed the connection): nobody to answer
-            response = empty_response(408)
-        except (BadRequest, RequestError) as e:
-            response = _bad_request(route, str(e), creation)
-        except (NotFound, ConfigFileError) as e:  # ConfigFileError: the embedded feeds file, broken since start
-            response = error_response(str(e), creation=creation, public=creation)
-        except GatewayError as e:
-            response = _gateway_unavailable(route, str(e), plugin.settings.retry_delay_ms, creation)
-        except Exception as e:  # never a stack trace to the platform, never a dead worker
-            log.exception("Something bad happened on %s", route, extra={"route": route})
-            response = _internal_error(route, f"internal error ({type(e).__name__})", plugin.settings.retry_delay_ms,
-                                       creation)
+            response = await self.handler(plugin, body)
+        except Exception as e:
+            response = self._error(plugin, e)
+        return self._done(response, started, body)
+
+    def serve(self, plugin: Plugin, raw: bytes, exchange: hotpath.Exchange) -> None:
+        """Answer the request whose whole body is `raw` through `exchange`, now or once staging has committed."""
+        started = time.perf_counter()
+        body: Any = None
+        try:
+            body = parse_json_body(raw)
+            step = self.start(plugin, body) if self.start is not None else None
+        except Exception as e:
+            exchange.respond(self._done(self._error(plugin, e), started, body))
+            return
+        if step is None:
+            exchange.spawn(self._serve_async(plugin, body, started, exchange))
+        elif isinstance(step, StagedUpdate):
+            step.future.add_done_callback(lambda _: self._answer_staged(plugin, step, body, started, exchange))
+        else:
+            exchange.respond(self._done(step, started, body))
+
+    async def _serve_async(self, plugin: Plugin, body: Any, started: float, exchange: hotpath.Exchange) -> None:
+        try:
+            response = await self.handler(plugin, body)
+        except Exception as e:
+            response = self._error(plugin, e)
+        exchange.respond(self._done(response, started, body))
+
+    def _answer_staged(self, plugin: Plugin, staged: StagedUpdate, body: Any, started: float,
+                       exchange: hotpath.Exchange) -> None:
+        try:
+            response = _update_response(staged.feed_id, staged.answer())
+        except Exception as e:
+            response = self._error(plugin, e)
+        exchange.respond(self._done(response, started, body))
+
+    def _error(self, plugin: Plugin, e: Exception) -> Response:
+        route, creation = self.route, self.creation
+        if isinstance(e, MissingBody):
+            return missing_body_response()
+        if isinstance(e, ClientDisconnect):  # the body never came whole (filefeed.guard closed the connection)
+            return empty_response(408)
+        if isinstance(e, (BadRequest, RequestError)):
+            return _bad_request(route, str(e), creation)
+        if isinstance(e, (NotFound, ConfigFileError)):  # ConfigFileError: the embedded feeds file, broken since start
+            return error_response(str(e), creation=creation, public=creation)
+        if isinstance(e, GatewayError):
+            return _gateway_unavailable(route, str(e), plugin.settings.retry_delay_ms, creation)
+        # never a stack trace to the platform, never a dead worker
+        log.error("Something bad happened on %s", route, exc_info=e, extra={"route": route})
+        return _internal_error(route, f"internal error ({type(e).__name__})", plugin.settings.retry_delay_ms,
+                               creation)
+
+    def _done(self, response: Response, started: float, body: Any) -> Response:
         elapsed = time.perf_counter() - started
         code = response.status_code
-        metrics.observe_request(route, code, elapsed)
+        metrics.observe_request(self.route, code, elapsed)
         if log.isEnabledFor(logs.request_level(code)):
-            _log_request(route, code, elapsed, body)
+            _log_request(self.route, code, elapsed, body)
         return response
 
-    return endpoint
+
+def feed_endpoint(route: str, handler: FeedHandler, *, creation: bool = False) -> FeedEndpoint:
+    return FeedEndpoint(route, handler, creation=creation, start=FEED_STARTS.get(route))
 
 
 def feed_route(route: str, handler: FeedHandler, *, creation: bool = False) -> Callable[[Request], Awaitable[Response]]:
@@ -169,16 +221,44 @@ async def external_segment_connection(plugin: Plugin, body: dict) -> Response:
     return handler_response("external_segment_connection", result)
 
 
-async def user_segment_update(plugin: Plugin, body: dict) -> Response:
+def _update_feed(plugin: Plugin, body: dict) -> str:
     (feed_id,) = require_str(body, "feed_id")
     check_identifier_count(body.get("user_identifiers"), plugin.settings.max_identifiers_per_update)
-    ctx = await plugin.context(feed_id)
+    return feed_id
+
+
+def _stage_update(plugin: Plugin, feed_id: str, ctx: FeedContext, body: dict) -> Response | StagedUpdate:
     if not ctx.valid:
         return handler_response("user_segment_update", {"status": "error", "message": f"feed {feed_id} has invalid "
                                                         f"properties: {ctx.error}"})
-    result = await ingest_update(plugin.staging, ctx, body, plugin.settings.retry_delay_ms)
+    step = stage_update(plugin.staging, ctx, feed_id, body, plugin.settings.retry_delay_ms)
+    if isinstance(step, dict):
+        return _update_response(feed_id, step)
+    return step
+
+
+def _update_response(feed_id: str, result: dict) -> Response:
     metrics.observe_update(feed_id, result)
     return handler_response("user_segment_update", result)
+
+
+def start_user_segment_update(plugin: Plugin, body: dict) -> Response | StagedUpdate | None:
+    """user_segment_update without waiting, when the feed's context is at hand (None: it must be fetched)."""
+    feed_id = _update_feed(plugin, body)
+    ctx = plugin.source.cached(feed_id)
+    if ctx is None:
+        return None
+    return _stage_update(plugin, feed_id, ctx, body)
+
+
+async def user_segment_update(plugin: Plugin, body: dict) -> Response:
+    feed_id = _update_feed(plugin, body)
+    step = _stage_update(plugin, feed_id, await plugin.context(feed_id), body)
+    if not isinstance(step, StagedUpdate):
+        return step
+    with contextlib.suppress(Exception):  # answer() reads the outcome, failure included
+        await step.future
+    return _update_response(feed_id, step.answer())
 
 
 async def batch_update(plugin: Plugin, body: dict) -> Response:
@@ -301,6 +381,7 @@ FEED_ROUTES: dict[str, FeedHandler] = {
     "oauth_redirect_url": oauth_redirect_url,
 }
 HOT_ROUTES = ("user_segment_update", "batch_update")  # served by filefeed/hotpath.py ahead of Starlette's router
+FEED_STARTS: dict[str, FeedStart] = {"user_segment_update": start_user_segment_update}
 LEGACY_PATHS = {"authentication_status": "authentication_status_queries",
                 "dynamic_property_values": "dynamic_property_values_queries"}
 

@@ -131,6 +131,16 @@ class _TTLCache:
         fut.set_result(value)
         return value
 
+    def peek(self, key: str) -> Any:
+        """The value already built for `key` and not expired, else None (nothing waits, nothing is built)."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        fut = entry[1]
+        if not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return None
+        return fut.result()
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -142,6 +152,10 @@ class ContextSource:
 
     async def feed_context(self, feed_id: str, *, force: bool = False) -> FeedContext:
         raise NotImplementedError
+
+    def cached(self, feed_id: str) -> FeedContext | None:
+        """The feed's context when it is at hand without waiting (built and not expired), else None."""
+        return None
 
     async def credentials(self, feed_destination_id: str | None) -> dict[str, Any] | None:
         return None
@@ -167,6 +181,9 @@ class GatewayContextSource(ContextSource):
             return build_context(feed_id, feed, property_values(props))
 
         return await self.contexts.get(feed_id, build, force=force)
+
+    def cached(self, feed_id: str) -> FeedContext | None:
+        return self.contexts.peek(feed_id)
 
     async def credentials(self, feed_destination_id: str | None) -> dict[str, Any] | None:
         if not feed_destination_id:
@@ -224,6 +241,9 @@ class EmbeddedContextSource(ContextSource):
         if force:
             self.feeds = load_embedded_feeds(self.path)  # creation re-reads the file, like the gateway's forced rebuild
         return self._build(feed_id)
+
+    def cached(self, feed_id: str) -> FeedContext | None:
+        return self._built.get(feed_id)
 
     def _build(self, feed_id: str) -> FeedContext:
         table = self.feeds.get(feed_id)

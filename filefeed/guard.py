@@ -2,7 +2,7 @@
 
 uvicorn has a keep-alive timeout (between requests) but no timeout while a request arrives: a client sending one
 header line every few seconds, or a body shorter than its Content-Length, holds its connection (and, for the body, a
-running request) forever. This protocol is uvicorn's httptools protocol (as filefeed/hotpath.py serves it) with one timer per request read: armed when
+running request) forever. This protocol is uvicorn's httptools protocol (as filefeed/hotpath.py serves it, hot routes included) with one timer per request read: armed when
 the connection opens and when a request's first byte arrives, cancelled when the whole request (headers and body) is
 in. When it fires first, the client gets `408 Request Timeout` (if no answer has started) and the connection is
 closed; the request's handler then sees the client gone. Connections beyond `max_connections` are closed at once,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from filefeed.hotpath import OneWriteHttpToolsProtocol
+from filefeed.hotpath import DirectRoutesProtocol
 
 if TYPE_CHECKING:
     from config.settings import ServiceSettings
@@ -27,7 +27,7 @@ TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; 
                     b"content-length: 30\r\nconnection: close\r\n\r\nrequest not received in time\r\n")
 
 
-class GuardedHttpToolsProtocol(OneWriteHttpToolsProtocol):
+class GuardedHttpToolsProtocol(DirectRoutesProtocol):
     # set in each worker by configure(), before it accepts connections
     read_timeout: float = 10.0
     max_connections: int = 2048

@@ -40,6 +40,19 @@ class MissingBody(Exception):
     """No body or `{}`: every feed POST route answers 500 {"error":"Missing request body"} (SDK filter)."""
 
 
+class JSONAnswer(Response):
+    """A 200 JSON answer with no other header: Starlette's Response, its two headers built without the generic
+    checks (the hot route's answer, once per request)."""
+
+    media_type = JSON
+
+    def __init__(self, body: bytes) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = body
+        self.raw_headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+
+
 def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status_code, media_type=JSON, headers=headers)
 
@@ -72,7 +85,7 @@ def handler_response(route: str, result: dict[str, Any]) -> Response:
     if (route == "user_segment_update" and result.get("status") == "ok" and len(result) == 3
             and result.get("data") is not None and result.get("stats") is not None):
         # the hot path's answer {"status": "ok", "data": [...], "stats": [...]}: nothing to omit, no header
-        return Response(orjson.dumps(result), media_type=JSON)
+        return JSONAnswer(orjson.dumps(result))
     status = result.get("status")
     code = STATUS_CODES[route].get(status, 500) if isinstance(status, str) else 500
     body = {k: v for k, v in result.items() if v is not None and not (k == "message" and v == "")}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from pipeline.identifiers import RequestError
 from pipeline.model import OPERATIONS, Partition, check_id
 from pipeline.staging import StagingFull
-from pipeline.staging.results import full_error
+from pipeline.staging.results import AppendResult, full_error
 
 if TYPE_CHECKING:
     from filefeed.context import FeedContext
@@ -63,8 +64,70 @@ def _check_envelope(body: dict[str, Any]) -> Partition:
     return Partition(str(body["feed_id"]), str(body["segment_id"]), op)
 
 
-async def ingest_update(staging: Staging, ctx: FeedContext, body: dict[str, Any], retry_delay_ms: int) -> dict:
-    """Stage the eligible identifiers of one user; the answer carries one BATCH_DELIVERY item per row."""
+class StagedUpdate:
+    """The rows of one update, handed to staging: once `future` is done, `answer()` is the protocol's answer.
+
+    The hot path waits for the future with a callback (filefeed/hotpath.py), the Starlette route with `await`; both
+    answer with the same `answer()`.
+    """
+
+    __slots__ = ("future", "feed_id", "partition", "rows", "stats", "retry_delay_ms")
+
+    def __init__(self, future: asyncio.Future[AppendResult], feed_id: str, partition: Partition, rows: list,
+                 stats: list, retry_delay_ms: int):
+        self.future = future
+        self.feed_id = feed_id
+        self.partition = partition
+        self.rows = rows
+        self.stats = stats
+        self.retry_delay_ms = retry_delay_ms
+
+    def answer(self) -> dict:
+        """`ok` with one BATCH_DELIVERY item per row, or `retry` when the commit hit a full volume; any other failure
+        of the commit is raised (the route answers it as an internal error)."""
+        err = self.future.exception()
+        if err is not None:
+            return _full_retry(err, self.retry_delay_ms)
+        partition = self.partition
+        op = partition.operation
+        ref = self.future.result().segment
+        segment_id = partition.segment_id
+        items = [
+            {
+                "type": "BATCH_DELIVERY",
+                "content": {
+                    "ref": ref,
+                    "segment_id": segment_id,
+                    "operation": op,
+                    "identifier_type": t,
+                    "identifier": v,
+                    "ts": ts_,
+                    "session_id": sid,
+                    "datamart_id": dm,
+                    "user_point_id": up,
+                },
+                "grouping_key": op,
+            }
+            for t, v, ts_, sid, dm, up in self.rows
+        ]
+        return {"status": "ok", "data": items, "stats": self.stats}
+
+
+def _full_retry(err: BaseException, retry_delay_ms: int) -> dict:
+    """EMFILE, ENFILE, ENOSPC anywhere on the way, or a full staging: retry later. Anything else is raised."""
+    e = full_error(err) if isinstance(err, (StagingFull, OSError)) else err
+    if not isinstance(e, StagingFull):
+        raise err
+    delay = max(int(getattr(e, "retry_after_ms", 0) or 0), retry_delay_ms)
+    return {"status": "retry", "message": f"staging is full: {e}", "next_msg_delay_in_ms": delay}
+
+
+def stage_update(staging: Staging, ctx: FeedContext, feed_id: str, body: dict[str, Any],
+                 retry_delay_ms: int) -> dict | StagedUpdate:
+    """Check the update, extract its eligible identifiers and hand their rows to staging, without waiting.
+
+    Returns the answer when there is nothing to stage (or staging refuses at once), else the StagedUpdate to wait for.
+    """
     partition, session_id, datamart_id, ts = update_partition(body)
     assert ctx.rules is not None
     ex = ctx.rules.extract(body.get("user_identifiers"), ts, session_id, datamart_id)
@@ -72,32 +135,8 @@ async def ingest_update(staging: Staging, ctx: FeedContext, body: dict[str, Any]
         return {"status": "no_eligible_identifier", "message": "no eligible identifier for this feed",
                 "stats": ex.stats or None}
     try:
-        res = await staging.submit(partition, ex.rows)
+        future = staging.submit(partition, ex.rows)
     except (StagingFull, OSError) as err:
-        e = full_error(err)  # EMFILE, ENFILE, ENOSPC anywhere on the way: retry later, like a full staging
-        if not isinstance(e, StagingFull):
-            raise
-        delay = max(int(getattr(e, "retry_after_ms", 0) or 0), retry_delay_ms)
-        return {"status": "retry", "message": f"staging is full: {e}", "next_msg_delay_in_ms": delay}
-    op = partition.operation
-    ref = res.segment
-    segment_id = partition.segment_id
-    items = [
-        {
-            "type": "BATCH_DELIVERY",
-            "content": {
-                "ref": ref,
-                "segment_id": segment_id,
-                "operation": op,
-                "identifier_type": t,
-                "identifier": v,
-                "ts": ts_,
-                "session_id": sid,
-                "datamart_id": dm,
-                "user_point_id": up,
-            },
-            "grouping_key": op,
-        }
-        for t, v, ts_, sid, dm, up in ex.rows
-    ]
-    return {"status": "ok", "data": items, "stats": ex.stats}
+        return _full_retry(err, retry_delay_ms)
+    return StagedUpdate(future, feed_id, partition, ex.rows, ex.stats, retry_delay_ms)
+

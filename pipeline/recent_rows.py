@@ -195,23 +195,42 @@ class RecentRows:
 
 
 class _HashSet:
-    """A fixed-size open-addressing set of uint64 hashes, probed for a whole batch at once (linear probing).
+    """An open-addressing set of uint64 hashes, probed for a whole batch at once (linear probing).
 
-    0 marks an empty slot: a real hash of 0 is stored as 1 (one more collision in 2**64). Sized for at most
-    `capacity` members at a load of at most 1/2, so probes stay short; once full, nothing more is added.
+    0 marks an empty slot: a real hash of 0 is stored as 1 (one more collision in 2**64). It starts small and
+    doubles before its load passes 1/2, so probes stay short and a roll of 10,000 rows touches a table of 32 KB,
+    not one sized for `capacity` (2 M slots, 32 MB of page faults a roll); past `capacity` members nothing more is
+    added.
     """
 
     def __init__(self, capacity: int):
-        size = 1 << max(10, (2 * max(capacity, 1) - 1).bit_length())
-        self.table = np.zeros(size, np.uint64)
-        self.claim = np.zeros(size, np.int64)  # which row of the current batch claimed an empty slot
-        self.mask = np.uint64(size - 1)
         self.capacity = capacity
         self.size = 0
+        self._allocate(1 << 10)
+
+    def _allocate(self, slots: int) -> None:
+        self.table = np.zeros(slots, np.uint64)
+        self.claim = np.zeros(slots, np.int64)  # which row of the current batch claimed an empty slot
+        self.mask = np.uint64(slots - 1)
+
+    def _reserve(self, more: int) -> None:
+        """Room for `more` members at a load of at most 1/2 (never beyond what `capacity` needs)."""
+        wanted = min(self.size + more, self.capacity)
+        if 2 * wanted <= len(self.table):
+            return
+        members = self.table[self.table != 0]
+        slots = len(self.table)
+        while 2 * wanted > slots:
+            slots *= 2
+        self._allocate(slots)
+        self.size = 0
+        if len(members):
+            self.add_new(members)
 
     def add_new(self, h: np.ndarray) -> np.ndarray:
         """Add the hashes `h` (repeats allowed); True for exactly one row of each hash that was not a member."""
         h = np.where(h == 0, np.uint64(1), h)
+        self._reserve(len(h))
         table, claim, mask = self.table, self.claim, self.mask
         pos = h & mask
         new = np.zeros(len(h), bool)
@@ -222,16 +241,18 @@ class _HashSet:
             empty = slot == 0
             lost = np.zeros(len(todo), bool)
             if empty.any():
-                cand, cp = todo[empty], p[empty]
-                if self.size < self.capacity:
-                    claim[cp[::-1]] = cand[::-1]  # one row wins each empty slot: the last write, the first row
-                    won = claim[cp] == cand
-                    table[cp[won]] = h[cand[won]]
-                    new[cand[won]] = True
-                    self.size += int(np.count_nonzero(won))
-                    lost[np.flatnonzero(empty)[~won]] = True  # looks at the same slot again: maybe its twin won it
-                else:
-                    new[cand] = True  # full: not remembered, but seen nowhere before
+                at = np.flatnonzero(empty)
+                # past `capacity`: not remembered, but seen nowhere before (and the table never fills up)
+                room = max(self.capacity - self.size, 0)
+                new[todo[at[room:]]] = True
+                at = at[:room]
+                cand, cp = todo[at], p[at]
+                claim[cp[::-1]] = cand[::-1]  # one row wins each empty slot: the last write, the first row
+                won = claim[cp] == cand
+                table[cp[won]] = h[cand[won]]
+                new[cand[won]] = True
+                self.size += int(np.count_nonzero(won))
+                lost[at[~won]] = True  # looks at the same slot again: maybe its twin won it
             done = (empty & ~lost) | (slot == h[todo])
             advance = ~done & ~lost
             pos[todo[advance]] = (pos[todo[advance]] + np.uint64(1)) & mask

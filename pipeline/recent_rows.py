@@ -5,13 +5,20 @@ the copies only meet when a roll reads every writer's segments of the partition.
 (identifier_type, identifier, ts, session_id; feed, segment and operation are the partition's) it already kept, or
 that a roll planned within the window before it published.
 
-On disk: `recent-rows.arrow` in the partition folder, one Arrow IPC file of (hash uint64, roll uint32) sorted by
-hash, with the rolls it covers (id, planned time) in its metadata. The roll reads it under its lease, and writes it
-whole (temp + fsync + rename) after publishing and before its ledger entry. Crash-safe with the roll's state
-machine: a resumed roll that encodes again ignores its own hashes and the rolls planned after it, so it makes the
-same decision and writes the same bytes.
+On disk, in the partition folder (read and written only under the partition's lease):
+- `recent-rows/<roll_id>.<planned_ms>.bin`: one run per roll published since the last compaction, the sorted uint64
+  hashes it kept. The roll writes them in its own folder when it encodes (fsynced) and renames that file in here
+  after publishing, before its ledger entry: no roll rewrites the window.
+- `recent-rows.arrow`: the compacted store, one Arrow IPC file of (hash uint64, roll uint32) sorted by hash, with
+  the rolls it covers (id, planned time) in its metadata (the only file before runs existed: read as it is). When
+  more than MAX_RUNS runs (or more than FILEFEED_DEDUP_MAX_ROWS of their rows) wait, a roll merges them in (rolls out
+  of the window dropped), writes the store (temp + fsync + rename), then removes the runs; a run whose roll the store
+  already covers (a crash between the two) is ignored.
+Crash-safe with the roll's state machine: a resumed roll that encodes again ignores its own hashes and the rolls
+planned after it, so it makes the same decision and writes the same bytes.
 
-Bounded: at most FILEFEED_DEDUP_MAX_ROWS hashes per partition (the newest rolls' are kept), 12 bytes each. Hashes
+Bounded: a roll looks up at most FILEFEED_DEDUP_MAX_ROWS hashes (the newest rolls'); on disk the store holds at most
+that many (12 bytes each) and the runs at most as many again (8 bytes each), in at most MAX_RUNS + 1 files. Hashes
 are 64-bit (two different rows collide with odds about 1 in 10**19 per pair), computed with NumPy over Arrow's
 buffers: no Python work per row.
 """
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +35,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.durable import atomic_write_bytes
+from pipeline.durable import atomic_write_bytes, fsync_dir
 
 STORE_NAME = "recent-rows.arrow"
-KEPT_NAME = "recent-rows.bin"  # in a roll folder: the hashes this roll keeps, merged into the store after publishing
+KEPT_NAME = "recent-rows.bin"  # in a roll folder: the hashes this roll keeps, moved into RUNS_DIR after publishing
+RUNS_DIR = "recent-rows"
+RUN_SUFFIX = ".bin"
+# Runs waiting before a compaction: each roll's lookup searches every run (a binary search each), and a compaction
+# rewrites the store, so 16 keeps both cheap (a compaction per 16 rolls instead of a rewrite per roll).
+MAX_RUNS = 16
 KEY_COLUMNS = ("identifier_type", "identifier", "ts", "session_id")
 KEY_SCHEMA = pa.schema([(c, pa.int64() if c == "ts" else pa.string()) for c in KEY_COLUMNS])
 DEFAULT_MAX_ROWS = 1_000_000
@@ -128,70 +140,138 @@ def row_hashes(batch: pa.RecordBatch) -> np.ndarray:
     return _mix(h)
 
 
-class RecentRows:
-    """The partition's store: hashes of rows published by recent rolls."""
+def _run_name(roll_id: str, planned_ms: int) -> str:
+    return f"{roll_id}.{planned_ms}{RUN_SUFFIX}"
 
-    def __init__(self, hashes: np.ndarray, rolls_of: np.ndarray, rolls: list[tuple[str, int]]):
+
+def _parse_run_name(name: str) -> tuple[str, int] | None:
+    roll_id, _, planned = name.removesuffix(RUN_SUFFIX).rpartition(".")
+    if not name.endswith(RUN_SUFFIX) or not roll_id or not planned.isdigit():
+        return None
+    return roll_id, int(planned)
+
+
+class RecentRows:
+    """The partition's window: hashes of rows published by recent rolls (the compacted store and the runs)."""
+
+    def __init__(self, hashes: np.ndarray, rolls_of: np.ndarray, rolls: list[tuple[str, int]],
+                 runs: Sequence[tuple[str, int, np.ndarray]] = ()):
         self.hashes = hashes  # sorted
         self.rolls_of = rolls_of  # index into rolls, per hash
         self.rolls = rolls  # (roll_id, planned_ms)
+        self.runs = list(runs)  # (roll_id, planned_ms, sorted hashes) of rolls not compacted into the store yet
 
     @classmethod
     def load(cls, pdir: Path) -> RecentRows:
         try:
             with pa.memory_map(str(pdir / STORE_NAME)) as source:
                 table = pa.ipc.open_file(source).read_all()
+            rolls = [(str(r), int(t)) for r, t in json.loads(table.schema.metadata[b"rolls"])]
+            hashes, rolls_of = np.asarray(table.column("hash")).copy(), np.asarray(table.column("roll")).copy()
         except FileNotFoundError:
-            return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint32), [])
-        rolls = [(str(r), int(t)) for r, t in json.loads(table.schema.metadata[b"rolls"])]
-        return cls(np.asarray(table.column("hash")).copy(), np.asarray(table.column("roll")).copy(), rolls)
+            hashes, rolls_of, rolls = np.zeros(0, np.uint64), np.zeros(0, np.uint32), []
+        covered = {r for r, _ in rolls}
+        runs = []
+        try:
+            names = sorted(os.listdir(pdir / RUNS_DIR))
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            parsed = _parse_run_name(name)
+            if parsed is not None and parsed[0] not in covered:
+                runs.append((*parsed, np.fromfile(pdir / RUNS_DIR / name, np.uint64)))
+        return cls(hashes, rolls_of, rolls, runs)
 
-    def known_before(self, roll_id: str, planned_ms: int, window_ms: int) -> np.ndarray:
-        """Sorted hashes of the rolls planned before `roll_id`, within the window (never its own)."""
-        wanted = [i for i, (r, t) in enumerate(self.rolls) if r < roll_id and t >= planned_ms - window_ms]
-        if len(wanted) == len(self.rolls):
-            return self.hashes
-        return self.hashes[np.isin(self.rolls_of, np.array(wanted, np.uint32))]
-
-    def merged(self, roll_id: str, planned_ms: int, kept: np.ndarray, window_ms: int, max_rows: int) -> RecentRows:
-        """The store after `roll_id` published `kept`: older rolls out of the window dropped, at most max_rows."""
-        rolls = [(r, t) for r, t in self.rolls if r != roll_id and t >= planned_ms - window_ms] + [(roll_id, planned_ms)]
-        rolls.sort(key=lambda rt: rt[0])
-        # the newest rolls first, until max_rows
+    def _sizes(self) -> dict[str, int]:
         counts = np.bincount(self.rolls_of, minlength=len(self.rolls)) if len(self.rolls) else np.zeros(0, np.int64)
         sizes = {r: int(counts[i]) for i, (r, _) in enumerate(self.rolls)}
-        sizes[roll_id] = len(kept)
-        keep_rolls: list[tuple[str, int]] = []
+        sizes.update((r, len(h)) for r, _, h in self.runs)
+        return sizes
+
+    def _selected(self, planned_ms: int, window_ms: int, max_rows: int, before: str | None = None) -> list[str]:
+        """Rolls in the window of `planned_ms` (and before `before`), the newest first until max_rows."""
+        planned = dict(self.rolls)
+        planned.update((r, t) for r, t, _ in self.runs)
+        rolls = sorted(r for r, t in planned.items() if t >= planned_ms - window_ms and (before is None or r < before))
+        sizes = self._sizes()
+        chosen: list[str] = []
         budget = max_rows
-        for r, t in reversed(rolls):
-            if sizes.get(r, 0) > budget:
+        for r in reversed(rolls):
+            if sizes[r] > budget:
                 break
-            budget -= sizes.get(r, 0)
-            keep_rolls.append((r, t))
-        keep_rolls.reverse()
+            budget -= sizes[r]
+            chosen.append(r)
+        return chosen
+
+    def known_before(self, roll_id: str, planned_ms: int, window_ms: int, max_rows: int) -> list[np.ndarray]:
+        """Sorted runs of hashes of the rolls planned before `roll_id`, within the window (never its own), at most
+        max_rows of them (the newest rolls')."""
+        chosen = set(self._selected(planned_ms, window_ms, max_rows, before=roll_id))
+        in_store = [i for i, (r, _) in enumerate(self.rolls) if r in chosen]
+        if len(in_store) == len(self.rolls):
+            found = [self.hashes]
+        else:
+            found = [self.hashes[np.isin(self.rolls_of, np.array(in_store, np.uint32))]]
+        return [h for h in found + [h for r, _, h in self.runs if r in chosen] if len(h)]
+
+    def compacted(self, planned_ms: int, window_ms: int, max_rows: int) -> RecentRows:
+        """The store with every run merged in: rolls out of the window of `planned_ms` dropped, at most max_rows."""
+        planned = dict(self.rolls)
+        planned.update((r, t) for r, t, _ in self.runs)
+        keep_rolls = sorted((r, planned[r]) for r in self._selected(planned_ms, window_ms, max_rows))
         index = {r: i for i, (r, _) in enumerate(keep_rolls)}
-        # old hashes of the rolls kept, renumbered, in one pass (still sorted); then this roll's, merged in
+        runs = {r: h for r, _, h in self.runs}
+        # the store's hashes of the rolls kept, renumbered in one pass (still sorted); then the runs', merged in
         remap = np.full(len(self.rolls) + 1, -1, np.int64)
         for i, (r, _) in enumerate(self.rolls):
-            if r in index and r != roll_id:
+            if r in index and r not in runs:
                 remap[i] = index[r]
         mapped = remap[self.rolls_of] if len(self.rolls_of) else np.zeros(0, np.int64)
         selected = mapped >= 0
         hashes, rolls_of = self.hashes[selected], mapped[selected].astype(np.uint32)
-        if roll_id in index and len(kept):
-            new = np.sort(np.asarray(kept, np.uint64))
+        added = [(np.asarray(h, np.uint64), index[r]) for r, h in runs.items() if r in index and len(h)]
+        if added:
+            new = np.concatenate([h for h, _ in added])
+            new_rolls = np.concatenate([np.full(len(h), i, np.uint32) for h, i in added])
+            order = np.argsort(new, kind="stable")
+            new, new_rolls = new[order], new_rolls[order]
             at = np.searchsorted(hashes, new)
             hashes = np.insert(hashes, at, new)
-            rolls_of = np.insert(rolls_of, at, np.full(len(new), index[roll_id], np.uint32))
+            rolls_of = np.insert(rolls_of, at, new_rolls)
         return RecentRows(hashes, rolls_of, keep_rolls)
 
     def save(self, pdir: Path) -> None:
+        """Write the compacted store (its runs are the caller's to remove once this is durable)."""
         table = pa.table({"hash": pa.array(self.hashes, pa.uint64()), "roll": pa.array(self.rolls_of, pa.uint32())})
         table = table.replace_schema_metadata({"rolls": json.dumps(self.rolls)})
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         atomic_write_bytes(pdir / STORE_NAME, sink.getvalue().to_pybytes())
+
+
+def add_run(pdir: Path, kept: Path, roll_id: str, planned_ms: int) -> None:
+    """Move a published roll's kept hashes (fsynced in its folder) into the partition's runs."""
+    runs = pdir / RUNS_DIR
+    if not runs.is_dir():
+        runs.mkdir(exist_ok=True)
+        fsync_dir(pdir)
+    os.rename(kept, runs / _run_name(roll_id, planned_ms))
+    fsync_dir(runs)
+
+
+def compact_if_due(pdir: Path, planned_ms: int, window_ms: int, max_rows: int,
+                   written: Callable[[], None] = lambda: None) -> bool:
+    """Merge the runs into the store when too many wait; `written` runs once the store is durable."""
+    store = RecentRows.load(pdir)
+    if len(store.runs) <= MAX_RUNS and sum(len(h) for _, _, h in store.runs) <= max_rows:
+        return False
+    store.compacted(planned_ms, window_ms, max_rows).save(pdir)
+    written()
+    for roll_id, planned, _ in store.runs:
+        (pdir / RUNS_DIR / _run_name(roll_id, planned)).unlink(missing_ok=True)
+    fsync_dir(pdir / RUNS_DIR)
+    return True
 
 
 class _HashSet:
@@ -263,24 +343,26 @@ class _HashSet:
 class RollDedup:
     """The filter one roll applies to its batches: drops rows seen earlier in the roll or in the store's window."""
 
-    def __init__(self, known: np.ndarray, max_rows: int):
+    def __init__(self, known: Sequence[np.ndarray], max_rows: int):
         self.max_rows = max_rows
-        # the window is sorted already: looked up per batch (searchsorted), never copied into a hash set, which
-        # cost 200-400 ms a roll for a window of 0.2-1 M rows and grew with the history
-        self.known = np.ascontiguousarray(known, np.uint64)
-        if len(self.known) > 1 and not (self.known[:-1] <= self.known[1:]).all():  # the store keeps it sorted
-            self.known = np.sort(self.known)
+        # the window's runs are sorted already: looked up per batch (a binary search in each), never copied into a
+        # hash set, which cost 200-400 ms a roll for a window of 0.2-1 M rows and grew with the history
+        self.known = [np.ascontiguousarray(k, np.uint64) for k in known if len(k)]
+        for i, k in enumerate(self.known):
+            if len(k) > 1 and not (k[:-1] <= k[1:]).all():  # the store and the runs keep them sorted
+                self.known[i] = np.sort(k)
         self.seen = _HashSet(max_rows)  # rows of this roll
         self.kept: list[np.ndarray] = []  # hashes this roll kept, in row order
         self.dropped = 0
 
     def _new_in_window(self, h: np.ndarray) -> np.ndarray:
         """True for hashes the window does not hold."""
-        if not len(self.known):
-            return np.ones(len(h), bool)
-        pos = np.searchsorted(self.known, h)
-        pos[pos == len(self.known)] = 0
-        return self.known[pos] != h
+        new = np.ones(len(h), bool)
+        for known in self.known:
+            pos = np.searchsorted(known, h)
+            pos[pos == len(known)] = 0
+            new &= known[pos] != h
+        return new
 
     def _keep(self, h: np.ndarray) -> np.ndarray:
         """One row of each hash nothing before had, in the roll or the window."""
@@ -312,7 +394,7 @@ class ClaimingDedup(RollDedup):
     database's claims are the memory, for the ledger's retention."""
 
     def __init__(self, claim: Callable[[np.ndarray], np.ndarray], max_rows: int):
-        super().__init__(np.zeros(0, np.uint64), max_rows)
+        super().__init__([], max_rows)
         self.claim = claim
 
     def _keep(self, h: np.ndarray) -> np.ndarray:
@@ -324,18 +406,3 @@ class ClaimingDedup(RollDedup):
 
 def save_kept(path: Path, hashes: np.ndarray) -> None:
     atomic_write_bytes(path, np.ascontiguousarray(hashes, np.uint64).tobytes())
-
-
-def load_kept(path: Path) -> np.ndarray | None:
-    try:
-        return np.frombuffer(path.read_bytes(), np.uint64)
-    except FileNotFoundError:
-        return None
-
-
-def remove_store(pdir: Path) -> None:
-    try:
-        os.unlink(pdir / STORE_NAME)
-    except FileNotFoundError:
-        pass
-

@@ -97,6 +97,8 @@ CRASH_POINTS = (
     "publishing",
     "publish:N",
     "manifest",
+    "recent_rows",
+    "compact",
     "ledger",
 )
 
@@ -639,7 +641,7 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease, shared: SharedRoll | None = N
                 return recent_rows.ClaimingDedup(claimer.claim, max(plan.dedup_max_rows, 1))
         elif plan.dedup_seconds > 0 and plan.dedup_max_rows > 0:
             known = recent_rows.RecentRows.load(pdir).known_before(plan.roll_id, _ms(plan.planned_at),
-                                                                   int(plan.dedup_seconds * 1000))
+                                                                   int(plan.dedup_seconds * 1000), plan.dedup_max_rows)
 
             def make_dedup() -> recent_rows.RollDedup:
                 return recent_rows.RollDedup(known, plan.dedup_max_rows)
@@ -815,10 +817,12 @@ def _record_and_clean(pdir: Path, rdir: Path, plan: _Plan, encoded: Mapping[str,
     )
     if shared is not None:  # the shared ledger first: from then on no replica delivers these rows again
         shared.published(entry.to_dict(), entry.rows)
-    kept = recent_rows.load_kept(rdir / recent_rows.KEPT_NAME)
-    if kept is not None:  # before the ledger entry: once it exists the roll folder (and `kept`) may be gone
-        recent_rows.RecentRows.load(pdir).merged(plan.roll_id, _ms(plan.planned_at), kept,
-                                                 int(plan.dedup_seconds * 1000), plan.dedup_max_rows).save(pdir)
+    kept = rdir / recent_rows.KEPT_NAME
+    if kept.exists():  # before the ledger entry: once it exists the roll folder (and `kept`) may be gone
+        recent_rows.add_run(pdir, kept, plan.roll_id, _ms(plan.planned_at))
+        crash_point("recent_rows")
+        recent_rows.compact_if_due(pdir, _ms(plan.planned_at), int(plan.dedup_seconds * 1000), plan.dedup_max_rows,
+                                   lambda: crash_point("compact"))
     Ledger(pdir).record(entry)
     crash_point("ledger")
     _remove_roll_dir(rdir)

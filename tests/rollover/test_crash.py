@@ -69,6 +69,7 @@ CSV_POINTS = [
     "publish:2",
     "publish:3",
     "manifest",
+    "recent_rows",
     "ledger",
 ]
 PARQUET_POINTS = ["move:2", "encode_file:1", "publish:2", "manifest", "ledger"]
@@ -119,4 +120,7 @@ def test_every_documented_crash_point_is_exercised() -> None:
     # a point only a roll with the shared database passes: killed there in tests/shared/test_volume_lost.py
     shared_only = {"publishing"}
     assert '"publishing"' in (Path(__file__).parents[1] / "shared" / "test_volume_lost.py").read_text()
-    assert covered | shared_only == set(CRASH_POINTS)
+    # a point only a roll that compacts the recent-rows window passes: killed there in test_recent_rows.py
+    compaction_only = {"compact"}
+    assert 'CRASH_ENV: "compact"' in (Path(__file__).parent / "test_recent_rows.py").read_text()
+    assert covered | shared_only | compaction_only == set(CRASH_POINTS)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import orjson
 
 from pipeline import delivery
@@ -82,10 +83,54 @@ def _text(v: Any) -> str | None:
     return None
 
 
+class _Item(msgspec.Struct, gc=False):
+    """An item as the platform sends it (ids as strings, `ts` an int), decoded with no dict; an item of any other
+    shape fails to decode and takes the general path (_general_fields), which answers it as it always did."""
+
+    segment_id: str | None = None
+    operation: str | None = None
+    identifier_type: str | None = None
+    identifier: str | None = None
+    ts: int | None = None
+    session_id: str | None = None
+    datamart_id: str | None = None
+    user_point_id: str | None = None
+    ref: str | None = None
+
+
+_decode_item = msgspec.json.Decoder(_Item).decode
+_NOT_ITEM = (msgspec.ValidationError, msgspec.DecodeError)
+
+
+def _general_fields(raw: Any) -> tuple | None:
+    """An item's fields, ref and whether its values need the forbidden-character search; None when it is no object.
+
+    Items sent as objects, with escapes, or with values of other types (ids as numbers, a bad `ts`) come here."""
+    kind = type(raw)
+    if kind is str or kind is bytes:
+        check = (b"\\" if kind is bytes else "\\") in raw
+        try:
+            raw = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        if type(raw) is not dict:
+            return None
+    elif kind is dict:
+        check = True
+    else:
+        return None
+    try:
+        values = _ALL_FIELDS(raw)
+    except KeyError:
+        values = tuple(raw.get(k) for k in _FIELDS)
+    return (*values, raw.get("ref"), check)
+
+
 def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partition, _PartitionWork], int]:
     """Batch items -> rows grouped by partition (with their refs), and the number of items that cannot be rows.
 
-    Hot: 10,000 items a call, so one flat loop with no model and cached partitions and refs. Values must not hold a
+    Hot: 10,000 items a call, so one flat loop with cached partitions and refs; an item in the platform's shape is
+    decoded by msgspec into a slotted struct (about half the cost of a dict from orjson). Values must not hold a
     tab, newline, CR or NUL (the journal's separators). JSON forbids those characters raw inside strings, so an item
     sent as JSON text without a backslash cannot hold one: only items with escapes, or sent as objects, are searched.
     `ts` must be an int in [MIN_TS_MS, MAX_TS_MS]: every value checked here can be staged, encoded and answered.
@@ -99,30 +144,28 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
     refs: dict[str, str | None] = {}  # ref -> itself when it is a well-formed segment name, else None
     work: dict[Partition, _PartitionWork] = {}
     invalid = 0
-    loads, decode_error, forbidden, max_len = orjson.loads, orjson.JSONDecodeError, _FORBIDDEN.search, MAX_VALUE_LENGTH
-    all_fields, text = _ALL_FIELDS, _text
+    decode_item, not_item, forbidden, max_len = _decode_item, _NOT_ITEM, _FORBIDDEN.search, MAX_VALUE_LENGTH
+    text = _text
     for raw in items:
-        kind = type(raw)
-        if kind is str or kind is bytes:
-            check = (b"\\" if kind is bytes else "\\") in raw
+        if type(raw) is str and "\\" not in raw:
             try:
-                raw = loads(raw)
-            except decode_error:
-                invalid += 1
-                continue
-            if type(raw) is not dict:
-                invalid += 1
-                continue
-        elif kind is dict:
-            check = True
+                it = decode_item(raw)
+            except not_item:
+                fields = _general_fields(raw)
+                if fields is None:
+                    invalid += 1
+                    continue
+                segment_id, op, id_type, ident, ts, session_id, datamart_id, user_point_id, ref, check = fields
+            else:
+                segment_id, op, id_type, ident, ts = it.segment_id, it.operation, it.identifier_type, it.identifier, it.ts
+                session_id, datamart_id, user_point_id, ref = it.session_id, it.datamart_id, it.user_point_id, it.ref
+                check = False
         else:
-            invalid += 1
-            continue
-        try:
-            segment_id, op, id_type, ident, ts, session_id, datamart_id, user_point_id = all_fields(raw)
-        except KeyError:
-            get = raw.get
-            segment_id, op, id_type, ident, ts, session_id, datamart_id, user_point_id = (get(k) for k in _FIELDS)
+            fields = _general_fields(raw)
+            if fields is None:
+                invalid += 1
+                continue
+            segment_id, op, id_type, ident, ts, session_id, datamart_id, user_point_id, ref, check = fields
         segment_id = segment_id or default_segment
         op = op or default_op
         session_id = session_id or default_session
@@ -161,7 +204,6 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
                 or (check and forbidden(id_type + ident + session_id + datamart_id + user_point_id))):
             invalid += 1
             continue
-        ref = raw.get("ref")
         if ref is not None:
             if type(ref) is not str:
                 ref = None

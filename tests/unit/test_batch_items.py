@@ -70,3 +70,28 @@ def test_unhashable_or_non_text_envelope_values_are_items_in_error() -> None:
     work, invalid = parse_items(CONTEXT, items + [GOOD])
     assert invalid == len(items)
     assert [len(w.rows) for w in work.values()] == [1]
+
+
+def test_items_as_json_text_are_answered_as_the_same_items_as_objects() -> None:
+    """JSON text in the platform's shape takes a typed decode, anything else the general path: never another answer."""
+    variants = [GOOD, {**GOOD, "segment_id": 451256}, {**GOOD, "segment_id": None}, {**GOOD, "segment_id": ""},
+                {**GOOD, "ts": 1.0}, {**GOOD, "ts": True}, {**GOOD, "ts": -1},
+                {**GOOD, "ts": None}, {**GOOD, "identifier": 5}, {**GOOD, "identifier_type": ["x"]},
+                {**GOOD, "session_id": 17}, {**GOOD, "datamart_id": 1.5}, {**GOOD, "user_point_id": False},
+                {**GOOD, "operation": "DELETE"}, {**GOOD, "operation": 3}, {**GOOD, "operation": ""},
+                {**GOOD, "ref": "w1-aaa-00000001"}, {**GOOD, "ref": 12}, {**GOOD, "ref": "../x"},
+                {**GOOD, "unknown": {"nested": [1, 2]}}, {**GOOD, "identifier": "é" * 10}, {}]
+    texts = [orjson.dumps(v).decode() for v in variants]
+    texts += ['{"identifier_type":"T","identifier":"a","identifier":"b","ts":1717494873000}', "[1]", "1", "null",
+              '{"identifier_type":"T","identifier":"a","ts":100000000000000000000000000000}',
+              '{"identifier_type":"T","identifier":"a","ts":1717494873000} x', '{"a":[1,]}']
+    objects = [orjson.loads(t) if t not in ('{"identifier_type":"T","identifier":"a","ts":1717494873000} x',
+                                            '{"a":[1,]}') else 7 for t in texts]
+
+    def answer(items: list) -> tuple:
+        work, invalid = parse_items(CONTEXT, items)
+        return {p: (w.rows, dict(w.refs)) for p, w in work.items()}, invalid
+
+    assert answer(texts) == answer(objects)
+    for text, obj in zip(texts, objects, strict=True):
+        assert answer([text]) == answer([obj]), text

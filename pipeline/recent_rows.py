@@ -263,13 +263,20 @@ def add_run(pdir: Path, kept: Path, roll_id: str, planned_ms: int) -> None:
 def compact_if_due(pdir: Path, planned_ms: int, window_ms: int, max_rows: int,
                    written: Callable[[], None] = lambda: None) -> bool:
     """Merge the runs into the store when too many wait; `written` runs once the store is durable."""
-    store = RecentRows.load(pdir)
-    if len(store.runs) <= MAX_RUNS and sum(len(h) for _, _, h in store.runs) <= max_rows:
+    try:  # counted from the folder: loading the store to count runs cost more than the rewrite it avoids
+        with os.scandir(pdir / RUNS_DIR) as entries:
+            waiting = [e.stat().st_size // 8 for e in entries if _parse_run_name(e.name) is not None]
+    except FileNotFoundError:
         return False
+    if len(waiting) <= MAX_RUNS and sum(waiting) <= max_rows:
+        return False
+    store = RecentRows.load(pdir)
     store.compacted(planned_ms, window_ms, max_rows).save(pdir)
     written()
-    for roll_id, planned, _ in store.runs:
-        (pdir / RUNS_DIR / _run_name(roll_id, planned)).unlink(missing_ok=True)
+    # every run is in the store now (or out of the window), also those a crash here left behind last time
+    for name in os.listdir(pdir / RUNS_DIR):
+        if _parse_run_name(name) is not None:
+            (pdir / RUNS_DIR / name).unlink(missing_ok=True)
     fsync_dir(pdir / RUNS_DIR)
     return True
 

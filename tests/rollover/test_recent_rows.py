@@ -104,6 +104,11 @@ def roll_rows(root: Path, dest: Path, n: int, start: int, minute: int) -> int:
     return roll_partition(root, P, props, open_sink(props), now=NOW + timedelta(minutes=minute)).rows
 
 
+def rows_batch(rows: list) -> pa.RecordBatch:
+    return pa.record_batch({"identifier_type": [r[0] for r in rows], "identifier": [r[1] for r in rows],
+                            "ts": [r[2] for r in rows], "session_id": [r[3] for r in rows]})
+
+
 def test_each_roll_adds_a_run_and_compaction_keeps_the_window(root: Path, dest: Path) -> None:
     pdir = root / P.relpath
     for k in range(recent_rows.MAX_RUNS):
@@ -134,10 +139,7 @@ def test_compaction_drops_rolls_out_of_the_window(root: Path, dest: Path, monkey
 
 def test_a_store_of_the_previous_release_is_read(root: Path, dest: Path) -> None:
     """Before runs, the window was only `recent-rows.arrow` (hash, roll) with its rolls in the metadata."""
-    rows = make_rows(10)
-    batch = pa.record_batch({"identifier_type": [r[0] for r in rows], "identifier": [r[1] for r in rows],
-                             "ts": [r[2] for r in rows], "session_id": [r[3] for r in rows]})
-    hashes = np.sort(row_hashes(batch))
+    hashes = np.sort(row_hashes(rows_batch(make_rows(10))))
     table = pa.table({"hash": pa.array(hashes, pa.uint64()), "roll": pa.array(np.zeros(10, np.uint32))})
     planned = int((NOW - timedelta(minutes=1)).timestamp() * 1000)
     table = table.replace_schema_metadata({"rolls": json.dumps([["20240601T115900-0123456789", planned]])})
@@ -149,7 +151,8 @@ def test_a_store_of_the_previous_release_is_read(root: Path, dest: Path) -> None
     assert len(RecentRows.load(pdir).runs) == 1
 
 
-def test_a_crash_mid_compaction_leaves_a_store_that_decides_the_same(root: Path, dest: Path) -> None:
+def test_a_crash_mid_compaction_leaves_a_store_that_decides_the_same(root: Path, dest: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed after the compacted store is written, before its runs are removed (both hold the same rolls)."""
     assert roll_rows(root, dest, 10, 0, 0) == 10
     stage_segment(root, P, "w1-r001-00000001.jnl", make_rows(10, 10))
@@ -171,3 +174,8 @@ def test_a_crash_mid_compaction_leaves_a_store_that_decides_the_same(root: Path,
     assert done.returncode == 0, done.stderr  # resumes: only the ledger entry was left
     assert roll_rows(root, dest, 30, 0, 2) == 10  # rows 0-19 are in the window
     assert len(destination_rows(dest)) == 30
+    monkeypatch.setattr(recent_rows, "MAX_RUNS", 1)
+    assert roll_rows(root, dest, 5, 30, 3) == 5  # compacts: the runs left by the crash go too
+    assert os.listdir(pdir / recent_rows.RUNS_DIR) == []
+    assert known(RecentRows.load(pdir), "99999999T000000-z", store.rolls[-1][1] + 180_000) == sorted(
+        int(h) for h in row_hashes(rows_batch(make_rows(35))))

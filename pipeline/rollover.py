@@ -528,8 +528,7 @@ def _plan_roll(
     staging_dir = rolling / f".{roll_id}.new"
     shutil.rmtree(staging_dir, ignore_errors=True)
     (staging_dir / "segments").mkdir(parents=True)
-    atomic_write_json(staging_dir / "plan.json", plan.to_dict())
-    fsync_dir(staging_dir)
+    atomic_write_json(staging_dir / "plan.json", plan.to_dict())  # its folder fsync also covers segments/
     os.rename(staging_dir, rolling / roll_id)
     fsync_dir(rolling)
     crash_point("plan")

@@ -1,6 +1,8 @@
 """batch_update benchmark: items/s for 10,000-item batch_update calls, over real HTTP against `filefeed serve`.
 
     python bench/batch_update.py [--batches 20] [--items 10000] [--workers 2]
+    python bench/batch_update.py --peer node-sdk [--rounds 2]      # against the official SDK's feed
+    python bench/batch_update.py --old-repo PATH [--rounds 4]      # against another checkout (the previous release)
 
 Two cases, in one command (into staging twice: one call in flight, then --concurrency calls in flight, as the
 platform's parallel batch jobs send them; each pass with items never seen before):
@@ -131,6 +133,58 @@ def peer_main(args: argparse.Namespace) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def old_repo_main(args: argparse.Namespace) -> None:
+    """`--old-repo PATH`: the filefeed of another checkout (run from its own folder, so its code is imported) against
+    this one, each with its own staging and folder, the same kind of fresh 10,000-item batches, one call in flight,
+    rounds alternated."""
+    n = args.items
+    passes = iter(range(1 << 16))
+
+    def fresh() -> list[bytes]:
+        k = next(passes)
+        return [batch([item((k * args.batches + b) * n + i) for i in range(n)]) for b in range(args.batches)]
+
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    tmps = []
+    print(f"before: {load_average()}")
+    try:
+        for name, code in (("old", args.old_repo.resolve()), ("this", ROOT)):
+            tmp, _, env = setup()
+            tmps.append(tmp)
+            env["PYTHONPATH"] = str(code)
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port",
+                                     str(port), "--workers", str(args.workers)], env=env, cwd=code,
+                                    stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "wb"))
+            procs[name] = (proc, f"http://127.0.0.1:{port}")
+            wait_ready(procs[name][1], proc)
+        for _, url in procs.values():  # warm-up pass, not counted
+            post_all(url, fresh()[:3], 3 * n)
+        rates: dict[str, list[float]] = {name: [] for name in procs}
+        total = n * args.batches
+        print(f"batch_update: {args.batches} calls of {n:,} items per pass, one call in flight, {args.workers} workers "
+              f"each; old = {args.old_repo}")
+        for i in range(args.rounds):
+            for name in (list(procs) if i % 2 == 0 else list(procs)[::-1]):
+                rate, answers = post_all(procs[name][1], fresh(), total)
+                sent = sum(a.get("sent_items_in_success", 0) for a in answers)
+                statuses = sorted({str(a.get("status")) for a in answers})
+                rates[name].append(rate)
+                print(f"  round {i + 1} {name:4s} {rate:10,.0f} items/s  answers {statuses}, "
+                      f"sent_items_in_success {sent:,} of {total:,}")
+            print(f"  round {i + 1} ratio this/old: {rates['this'][-1] / rates['old'][-1]:.2f}")
+    finally:
+        for proc, _ in procs.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+    mean = {name: len(r) / sum(1 / x for x in r) for name, r in rates.items()}  # items over total time
+    print(f"  overall   this {mean['this']:,.0f} items/s, old {mean['old']:,.0f} items/s, ratio "
+          f"{mean['this'] / mean['old']:.2f}")
+    print(f"after: {load_average()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=20)
@@ -139,8 +193,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=None,
                     help="calls in flight for the concurrent pass (default: as many as workers)")
     ap.add_argument("--peer", choices=peer.PEERS, help="filefeed against this peer, one call in flight, alternated")
-    ap.add_argument("--rounds", type=int, default=2, help="alternated rounds with --peer")
+    ap.add_argument("--rounds", type=int, default=2, help="alternated rounds with --peer or --old-repo")
+    ap.add_argument("--old-repo", type=Path, default=None,
+                    help="another checkout's filefeed against this one, one call in flight, alternated")
     args = ap.parse_args()
+    if args.old_repo:
+        old_repo_main(args)
+        return
     if args.peer:
         peer_main(args)
         return

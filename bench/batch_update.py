@@ -166,12 +166,14 @@ def old_repo_main(args: argparse.Namespace) -> None:
               f"each; old = {args.old_repo}")
         for i in range(args.rounds):
             for name in (list(procs) if i % 2 == 0 else list(procs)[::-1]):
+                cpu = tree_cpu_seconds(procs[name][0].pid)
                 rate, answers = post_all(procs[name][1], fresh(), total)
+                cpu_us = (tree_cpu_seconds(procs[name][0].pid) - cpu) / total * 1e6
                 sent = sum(a.get("sent_items_in_success", 0) for a in answers)
                 statuses = sorted({str(a.get("status")) for a in answers})
                 rates[name].append(rate)
-                print(f"  round {i + 1} {name:4s} {rate:10,.0f} items/s  answers {statuses}, "
-                      f"sent_items_in_success {sent:,} of {total:,}")
+                print(f"  round {i + 1} {name:4s} {rate:10,.0f} items/s  server CPU {cpu_us:5.2f} us/item  answers "
+                      f"{statuses}, sent_items_in_success {sent:,} of {total:,}")
             print(f"  round {i + 1} ratio this/old: {rates['this'][-1] / rates['old'][-1]:.2f}")
     finally:
         for proc, _ in procs.values():

@@ -83,6 +83,33 @@ def test_split_gives_each_partition_its_rows_under_the_journal_name(make_staging
     assert staging.stats(PARTS[0]).rows == 3 and staging.stats(PARTS[0]).open_segments == 0
 
 
+def test_stats_read_each_sealed_segment_once_until_it_changes(make_staging, monkeypatch) -> None:
+    """The gauges list every partition every few seconds: sealed segments are read once, not on every pass (a busy
+    partition gains one per worker per second until its next roll). A segment cut by a repair is read again."""
+    from pipeline.staging import listing
+
+    staging = make_staging()
+    for i in range(5):
+        staging.append_sync(PARTS[0], rows(10 * i, 3))
+        staging.seal_all()
+    reads: list[str] = []
+    real = listing.header_totals
+
+    def counting(path):
+        reads.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(listing, "header_totals", counting)
+    assert staging.stats(PARTS[0]).rows == 15
+    assert staging.stats(PARTS[0]).rows == 15 and staging.stats(PARTS[0]).sealed_segments == 5
+    assert len(reads) == 5, reads  # each segment once, though stats ran three times
+    last = staging.sealed_segments(PARTS[0])[-1]
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # a torn segment, as a repair would leave it shorter
+    assert staging.stats(PARTS[0]).rows == 12
+    assert reads[-1] == last.name and len(reads) == 6
+
+
 _CHILD = """
 import sys
 from pipeline.model import Partition

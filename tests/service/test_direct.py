@@ -25,7 +25,7 @@ from filefeed import app as app_module
 from filefeed import guard, hotpath
 from pipeline.staging import Staging
 from tests.conftest import free_port, wait_for
-from tests.service.test_hotpath import CASES, _update
+from tests.service.test_hotpath import CASES, _update, embedded_feed_env
 
 READ_TIMEOUT = 2.0
 
@@ -49,15 +49,9 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path, monkeypatch) -> Iterator[Served]:
-    out = tmp_path / "delivery"
-    out.mkdir()
-    feeds = tmp_path / "feeds.toml"
-    feeds.write_text(f'[feeds.42]\ndestination_uri = "{out.as_uri()}"\nidentifier_types = "USER_EMAIL,USER_POINT"\n')
-    monkeypatch.setenv("FILEFEED_FEEDS", str(feeds))
-    monkeypatch.setenv("FILEFEED_STAGING_DIR", str(tmp_path / "staging"))
-    monkeypatch.setenv("FILEFEED_MIN_FREE_BYTES", "0")
+    staging = embedded_feed_env(tmp_path, monkeypatch)
     monkeypatch.setenv("FILEFEED_REQUEST_READ_TIMEOUT_SECONDS", str(READ_TIMEOUT))
-    state = Served(free_port(), tmp_path / "staging")
+    state = Served(free_port(), staging)
     serve, spawn = app_module.FeedEndpoint.serve, hotpath.Exchange.spawn
 
     def counting_serve(self, plugin, raw, exchange):

@@ -17,9 +17,8 @@ from filefeed import hotpath
 from filefeed.app import create_app
 
 
-@pytest.fixture()
-def clients(tmp_path: Path, monkeypatch):
-    """(hot, starlette): one app, reached through HotRoutes and through its Starlette app directly."""
+def embedded_feed_env(tmp_path: Path, monkeypatch) -> Path:
+    """Feed 42 (USER_EMAIL + USER_POINT into a local folder) in embedded mode; returns the staging folder."""
     out = tmp_path / "delivery"
     out.mkdir()
     feeds = tmp_path / "feeds.toml"
@@ -27,6 +26,13 @@ def clients(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("FILEFEED_FEEDS", str(feeds))
     monkeypatch.setenv("FILEFEED_STAGING_DIR", str(tmp_path / "staging"))
     monkeypatch.setenv("FILEFEED_MIN_FREE_BYTES", "0")
+    return tmp_path / "staging"
+
+
+@pytest.fixture()
+def clients(tmp_path: Path, monkeypatch):
+    """(hot, starlette): one app, reached through HotRoutes and through its Starlette app directly."""
+    embedded_feed_env(tmp_path, monkeypatch)
     app = create_app(load_settings())
     assert isinstance(app, hotpath.HotRoutes)
     with TestClient(app) as hot:  # runs the lifespan, which builds the plugin on the Starlette app's state

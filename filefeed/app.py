@@ -87,9 +87,15 @@ class FeedEndpoint:
 
     async def __call__(self, plugin: Plugin, read: Callable[[], Awaitable[bytes]]) -> Response:
         started = time.perf_counter()
-        body: Any = None
         try:
             body = parse_json_body(await read())
+        except Exception as e:
+            return self._done(self._error(plugin, e), started, None)
+        return await self._handled(plugin, body, started)
+
+    async def _handled(self, plugin: Plugin, body: Any, started: float) -> Response:
+        """The async handler's answer to a parsed body, failures mapped, counted and logged."""
+        try:
             response = await self.handler(plugin, body)
         except Exception as e:
             response = self._error(plugin, e)
@@ -113,11 +119,7 @@ class FeedEndpoint:
             exchange.respond(self._done(step, started, body))
 
     async def _serve_async(self, plugin: Plugin, body: Any, started: float, exchange: hotpath.Exchange) -> None:
-        try:
-            response = await self.handler(plugin, body)
-        except Exception as e:
-            response = self._error(plugin, e)
-        exchange.respond(self._done(response, started, body))
+        exchange.respond(await self._handled(plugin, body, started))
 
     def _answer_staged(self, plugin: Plugin, staged: StagedUpdate, body: Any, started: float,
                        exchange: hotpath.Exchange) -> None:

@@ -98,6 +98,10 @@ class ServiceSettings(BaseSettings):
     request_read_timeout_seconds: float = Field(default=10.0, gt=0, le=600,
                                                 description="a request's headers and body must arrive within this")
     max_connections: int = Field(default=2048, ge=1, le=1_000_000, description="open connections per worker")
+    # Longer than the idle timeout of the clients and load balancers in front (httpx and Node: 5 s, AWS ALB: 60 s), so
+    # the client closes an idle connection first: a server closing first races the client's next request (a reset).
+    keep_alive_seconds: float = Field(default=75.0, gt=0, le=3600,
+                                      description="an idle keep-alive connection is closed after this")
 
     # several replicas: the state that decides exactly once, shared in PostgreSQL (pipeline/shared/)
     database_url: SecretStr | None = Field(default=None, description="postgresql://... shared by every replica; "

@@ -62,6 +62,7 @@ def serve(
             proxy_headers=False,
             log_config=None,
             timeout_graceful_shutdown=10,
+            timeout_keep_alive=settings.keep_alive_seconds,
         )
     )
 

@@ -12,6 +12,7 @@ import time
 import tomllib
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import uvicorn
 from packaging.requirements import Requirement
@@ -128,6 +129,28 @@ def test_a_client_sending_in_time_is_served_on_one_connection(server):
             rest = got.split(b"\r\n\r\n", 1)[1]
             while len(rest) < length:
                 rest += s.recv(4096)
+
+
+def test_default_keep_alive_outlasts_the_usual_client_idle_timeout():
+    """The client must close an idle connection first: a server closing it at the same moment races the client's next
+    request, which then gets a reset instead of an answer (httpx and Node keep an idle connection 5 s)."""
+    from config.settings import ServiceSettings
+
+    client_idle = httpx.Limits().keepalive_expiry
+    assert client_idle == 5.0, client_idle
+    assert ServiceSettings.model_fields["keep_alive_seconds"].default > 12 * client_idle
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_keep_alive_connection_is_closed_after_the_setting(filefeed_factory, local_feed):
+    srv = filefeed_factory(feeds={"42": local_feed}, env={**ENV, "FILEFEED_KEEP_ALIVE_SECONDS": "1"})
+    with _connect(srv) as s:
+        s.sendall(b"POST /v1/troubleshoot HTTP/1.1\r\nhost: x\r\ncontent-length: " + str(len(BODY)).encode()
+                  + b"\r\n\r\n" + BODY)
+        got, took = _closed_answer(s, 10)  # the answer, then the server's close once the connection idled 1 s
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    assert b"connection: close" not in got.lower()
+    assert 1.0 <= took < 5, took
 
 
 @pytest.mark.timeout(60)

@@ -95,7 +95,9 @@ async def simulate(base_url: str, *, feed_id: str = "42", segment_id: str = "451
     pending: dict[str, list[Any]] = defaultdict(list)
     batch_lock = asyncio.Lock()
     started = time.perf_counter()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # No surplus idle connection and no client-side expiry: httpcore's pool can close a connection it has just handed
+    # to a request (encode/httpcore#1110), which then fails unanswered; the server closes idle ones (75 s).
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=None)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits, trust_env=False) as client:
         report.creation = await _lifecycle_call(client, "external_segment_creation", base)
         report.connection = await _lifecycle_call(client, "external_segment_connection", base)

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS rolls (
     UNIQUE (partition, roll_id)
 );
 CREATE INDEX IF NOT EXISTS rolls_by_age ON rolls (published_ts);
+CREATE INDEX IF NOT EXISTS rolls_by_publication ON rolls (partition, published_ts, id);
 CREATE TABLE IF NOT EXISTS segments (
     partition TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -329,18 +330,20 @@ class Ledger:
             _prune_in(conn, now, PRUNE_PER_RECORD)
 
     def entries(self) -> list[LedgerEntry]:
-        """Every entry within the retention, oldest roll first (roll ids start with their UTC planned time)."""
+        """Every entry within the retention, in the order they were published (never by roll id: two rolls planned in
+        the same second once sorted by their hash)."""
         with _db(self.root) as conn:
-            rows = conn.execute("SELECT entry FROM rolls WHERE partition = ? ORDER BY roll_id",
+            rows = conn.execute("SELECT entry FROM rolls WHERE partition = ? ORDER BY published_ts, id",
                                 (self.partition,)).fetchall()
         return [LedgerEntry.from_dict(json.loads(r[0])) for r in rows]
 
     def last(self, n: int) -> list[LedgerEntry]:
-        """The `n` most recent entries, newest first."""
+        """The `n` most recently published entries, newest first."""
         if n <= 0:
             return []
         with _db(self.root) as conn:
-            rows = conn.execute("SELECT entry FROM rolls WHERE partition = ? ORDER BY roll_id DESC LIMIT ?",
+            rows = conn.execute("SELECT entry FROM rolls WHERE partition = ? ORDER BY published_ts DESC, id DESC "
+                                "LIMIT ?",
                                 (self.partition, n)).fetchall()
         return [LedgerEntry.from_dict(json.loads(r[0])) for r in rows]
 
@@ -399,9 +402,15 @@ def ledger_size(root: Path | str) -> dict[str, int]:
 
 
 def published_ts(entry: LedgerEntry) -> float:
-    """An entry's publication time in seconds (for entries migrated from the old layout)."""
+    """An entry's publication time in seconds (for entries migrated from the old layout, and to order entries of
+    several ledgers: their ISO strings do not sort, a whole second has no fraction)."""
+    return instant(entry.published_at)
+
+
+def instant(iso: str) -> float:
+    """An ISO 8601 time in seconds; now when it is unreadable (an entry edited by hand)."""
     try:
-        return datetime.fromisoformat(entry.published_at).timestamp()
+        return datetime.fromisoformat(iso).timestamp()
     except ValueError:
         return time.time()
 

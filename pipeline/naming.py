@@ -112,7 +112,7 @@ def check_name(name: str) -> str:
 
 # -- the grammar of rendered names, for `filefeed verify` to recognise this feed's objects ---------------------------
 # What each macro of NameContext.values renders to; a macro added there without a pattern here matches one segment.
-BATCH_ID_PATTERN = r"\d{8}T\d{6}-[0-9a-f]{10}"  # rollover.make_roll_id
+BATCH_ID_PATTERN = r"\d{8}T\d{6}(?:\d{3})?-[0-9a-f]{10}"  # rollover.make_roll_id (milliseconds), slot_roll_id
 MACRO_PATTERNS = {
     "feed_id": r"[^/]+",
     "segment_id": r"[A-Za-z0-9_-]+",

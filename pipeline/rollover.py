@@ -329,12 +329,15 @@ def _break_if_stale(pdir: Path, path: Path, stale_after: float) -> bool:
 
 
 def make_roll_id(partition: Partition, segments: list[str], planned_at: datetime, replica: str | None = None) -> str:
-    """`<UTC yyyymmddTHHMMSS>-<hash>`: sorts by time; the hash covers the partition so ids never repeat across
+    """`<UTC yyyymmddTHHMMSSmmm>-<hash>`: sorts by time to the millisecond (two rolls in one second, a snapshot
+    taken twice, sort in the order they were planned); the hash covers the partition so ids never repeat across
     partitions that share a destination folder, and the replica (shared database) so two replicas rolling the same
-    loose rows in the same second never render the same names."""
+    loose rows at the same time never render the same names. Ids of earlier releases (no milliseconds) sort before
+    every id of their second, and are still recognised."""
     extra = [f"replica:{replica}"] if replica else []
     digest = hashlib.sha256("\n".join([partition.relpath, *segments, *extra]).encode()).hexdigest()[:10]
-    return f"{planned_at.astimezone(UTC):%Y%m%dT%H%M%S}-{digest}"
+    planned = planned_at.astimezone(UTC)
+    return f"{planned:%Y%m%dT%H%M%S}{planned.microsecond // 1000:03d}-{digest}"
 
 
 def sealed_segments(pdir: Path, suffix: str = SEGMENT_SUFFIX) -> list[str]:
@@ -493,7 +496,9 @@ def _plan_roll(
     # a scheduled snapshot is delivered at every slot, changed or not: the partner wants a full file each time
     if not segments and not (kind.slot is not None and kind.mode == "snapshot"):
         return None
-    planned_at = (kind.slot or now).astimezone(UTC).replace(microsecond=0)
+    # to the millisecond (the roll id's resolution); a slot's time is its schedule's, a whole second
+    planned_at = (kind.slot or now).astimezone(UTC)
+    planned_at = planned_at.replace(microsecond=planned_at.microsecond // 1000 * 1000)
     if kind.slot is not None:
         roll_id = slot_roll_id(partition, kind.mode, planned_at, replica)
     else:
@@ -716,7 +721,7 @@ def _manifest_body(plan: _Plan, entries: list[dict[str, Any]], datamart_id: str)
         "segment_id": plan.partition.segment_id,
         "operation": plan.partition.operation,
         "datamart_id": datamart_id,
-        "created_at": plan.planned_at.isoformat().replace("+00:00", "Z"),
+        "created_at": plan.planned_at.replace(microsecond=0).isoformat().replace("+00:00", "Z"),  # as ever: seconds
         "format": plan.spec.file_format,
         "compression": plan.spec.compression,
         "columns": [{"source": c.source, "header": c.header} for c in plan.spec.columns],

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.delivery import LAST_ERROR
-from pipeline.ledger import DeliveryTotals, Ledger, partition_dir, read_json
+from pipeline.ledger import DeliveryTotals, Ledger, instant, partition_dir, published_ts, read_json
 from pipeline.model import Partition
 from pipeline.rejects import REJECTED, rejected_rows
 from pipeline.rollover import failed_rolls, iter_partitions, pending_rolls
@@ -56,8 +56,7 @@ def partition_report(staging: Staging, partition: Partition, *, deliveries: int 
     # a snapshot feed's apply rolls publish nothing. One indexed query per folder whatever the history.
     ledgers = [Ledger(d) for d in delivery_dirs(staging.root, partition)]
     want = max(deliveries, 1)
-    recent = sorted((e for lg in ledgers for e in lg.last(want) if e.files), key=lambda e: e.roll_id,
-                    reverse=True)[:want]
+    recent = sorted((e for lg in ledgers for e in lg.last(want) if e.files), key=published_ts, reverse=True)[:want]
     sums = [lg.totals() for lg in ledgers]  # everything ever published, entries pruned by the retention included
     totals = DeliveryTotals(*(sum(getattr(x, f) for x in sums) for f in ("rolls", "rows", "files", "bytes")))
     failed = []
@@ -170,7 +169,7 @@ def destination_audience(staging: Staging, ctx: FeedContext, segment_id: Any = N
         for f in r["failed_rolls"]:
             errors.append({**where, "severity": f.get("severity"), "kind": f.get("kind"),
                            "message": f.get("message"), "time": f.get("failed_at"), "failed_roll": f["roll_id"]})
-    deliveries.sort(key=lambda d: d["published_at"], reverse=True)
+    deliveries.sort(key=lambda d: instant(d["published_at"]), reverse=True)
     errors.sort(key=lambda e: e.get("time") or "", reverse=True)
     props = ctx.props
     data: dict[str, Any] = {

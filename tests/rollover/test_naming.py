@@ -8,7 +8,7 @@ import pytest
 
 from config.feed import DEFAULT_FILE_NAME_TEMPLATE
 from pipeline.model import Partition
-from pipeline.naming import NameContext, UnsafeNameError, check_name, manifest_name, render_name
+from pipeline.naming import NameContext, UnsafeNameError, check_name, manifest_name, name_pattern, render_name
 from pipeline.rollover import make_roll_id
 
 PARTITION = Partition("feed-7", "seg-42", "DELETE")
@@ -93,9 +93,20 @@ def test_manifest_name_sits_beside_the_files() -> None:
 
 
 def test_roll_id_is_time_sortable_and_partition_specific() -> None:
-    at = datetime(2024, 1, 2, 3, 4, 5, 999, tzinfo=UTC)
+    at = datetime(2024, 1, 2, 3, 4, 5, 123999, tzinfo=UTC)
     rid = make_roll_id(PARTITION, ["w1-1.jnl", "w2-1.jnl"], at)
-    assert rid.startswith("20240102T030405-") and len(rid) == len("20240102T030405-") + 10
+    assert rid.startswith("20240102T030405123-") and len(rid) == len("20240102T030405123-") + 10
+    # within one second, ids sort by time whatever their hashes; an id of an earlier release sorts first
+    later = make_roll_id(PARTITION, ["w9-1.jnl"], at.replace(microsecond=124000))
+    assert rid < later and "20240102T030405-ffffffffff" < rid
     assert rid == make_roll_id(PARTITION, ["w1-1.jnl", "w2-1.jnl"], at)
     assert rid != make_roll_id(Partition("feed-7", "seg-42", "UPSERT"), ["w1-1.jnl", "w2-1.jnl"], at)
     assert rid != make_roll_id(PARTITION, ["w1-1.jnl"], at)
+
+
+def test_verify_recognises_roll_ids_of_this_and_earlier_releases() -> None:
+    pattern = name_pattern(DEFAULT_FILE_NAME_TEMPLATE, {"segment_id": ["seg-42"]})
+    for batch_id in ("20240305T071809123-abcdef0123", "20240305T071809-abcdef0123"):
+        name = f"seg-42/20240305T071809Z_UPSERT_{batch_id}_part00001.csv.gz"
+        assert pattern.fullmatch(name) and pattern.fullmatch(f"seg-42/{batch_id}.manifest.json")
+    assert not pattern.fullmatch("seg-42/20240305T0718091-abcdef0123.manifest.json")

@@ -58,7 +58,7 @@ def test_roll_publishes_files_manifest_and_ledger(root: Path, dest: Path) -> Non
     assert out.status == "published" and out.error is None
     assert out.rows == 2500 and len(out.files) == 3 and len(out.roll_ids) == 1
     roll_id = out.roll_ids[0]
-    assert roll_id.startswith("20240601T120000-")
+    assert roll_id.startswith("20240601T120000000-")
     files = destination_files(dest)
     assert ids(destination_rows(dest)) == expected_ids((0, 2500))
 
@@ -314,3 +314,29 @@ def test_datamart_macro_comes_from_the_first_row_when_the_files_do_not_show_it(r
     manifest = json.loads(destination_files(dest)[next(n for n in destination_files(dest) if n.endswith(".json"))])
     assert manifest["datamart_id"] == "2077"
     assert list(destination_rows(dest)[0]) == ["segment_id", "operation", "identifier_type", "identifier", "ts"]
+
+
+def test_two_rolls_in_one_second_are_named_and_listed_in_the_order_they_were_made(root: Path, dest: Path) -> None:
+    """Two `batch_update` calls within a second: the later roll's files sort after the earlier's and `status` shows
+    it as the last delivery, whatever their hashes (they once sorted by hash: the second roll's is chosen lower)."""
+    from pipeline.rollover import make_roll_id
+    from pipeline.staging import Staging
+    from pipeline.troubleshoot import partition_report
+
+    first = "w1-000001.jnl"
+    digest = make_roll_id(P, [first], NOW).split("-")[1]
+    second = next(n for n in (f"w1-{i:06d}.jnl" for i in range(2, 200)) if make_roll_id(P, [n], NOW).split("-")[1] < digest)
+    props = props_for(dest)
+    stage_segment(root, P, first, make_rows(10))
+    one = roll_partition(root, P, props, open_sink(props), now=NOW + timedelta(milliseconds=100))
+    stage_segment(root, P, second, make_rows(10, 10))
+    two = roll_partition(root, P, props, open_sink(props), now=NOW + timedelta(milliseconds=900))
+    assert one.status == two.status == "published"
+
+    assert one.roll_ids[0] < two.roll_ids[0]
+    assert sorted(n for n in destination_files(dest) if not n.endswith(".json")) == [*one.files, *two.files]
+    assert [e.roll_id for e in last_deliveries(root, P)] == [two.roll_ids[0], one.roll_ids[0]]
+    with Staging(root, min_free_bytes=0) as st:
+        report = partition_report(st, P)
+    assert report["last_delivery"]["roll_id"] == two.roll_ids[0]
+    assert [d["roll_id"] for d in report["recent_deliveries"]] == [two.roll_ids[0], one.roll_ids[0]]

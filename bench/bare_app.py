@@ -11,6 +11,8 @@
   objects), served like filefeed: the most any endpoint on uvicorn + httptools can answer on this machine.
 - `create_direct_app`: the same endpoint answered straight from the HTTP protocol's parser callbacks, the way
   filefeed's hot routes are served (filefeed/hotpath.py `DirectRoutesProtocol`).
+- `create_direct_durable_app`: `create_direct_app` plus the group commit of `create_durable_app`: the ceiling of any
+  durable endpoint on filefeed's serving path and this disk (`--ceiling`).
 - `rsgi_app`: the same endpoint on granian's RSGI interface (HTTP parsing and writing in Rust), for
   `bench/ingest.py --peer node-sdk --ceiling`: what a change of server could reach at most.
 """
@@ -82,6 +84,51 @@ class _GroupCommit:
         for f in waiters:
             if not f.done():
                 f.set_result(None)
+
+
+class _ThreadedGroupCommit(_GroupCommit):
+    """`_GroupCommit` with the write + fsync on a thread of its own, pipelined: while one group's fsync runs, the loop
+    goes on parsing and the next group gathers; it is written as soon as the fsync before it returns (at most one
+    in flight). The loop never blocks on the disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._busy = False
+        self._cond = threading.Condition()
+        self._queue: list[list[asyncio.Future[None]]] = []
+        threading.Thread(target=self._run, daemon=True, name="bench-fsync").start()
+
+    def commit(self, seen: int = 0, hops: int = 0) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._busy:  # the thread takes this group when its fsync returns (_done)
+            return
+        waiters, self.pending = self.pending, []
+        if waiters:
+            self._busy = True
+            with self._cond:
+                self._queue.append(waiters)
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait(1.0)
+                waiters = self._queue.pop(0)
+            os.write(self.fd, b"x" * (2 * ROW_BYTES * len(waiters)))
+            os.fsync(self.fd)
+            self._loop.call_soon_threadsafe(self._done, waiters)  # type: ignore[union-attr]
+
+    def _done(self, waiters: list[asyncio.Future[None]]) -> None:
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+        self._busy = False
+        if self.pending:
+            self.commit()
 
 
 def create_durable_app() -> Starlette:
@@ -157,6 +204,32 @@ def create_direct_app():  # type: ignore[no-untyped-def]
 
     app.direct_routes = {b"/v1/user_segment_update": _ConstantEndpoint()}  # type: ignore[attr-defined]
     app.state = _State()  # type: ignore[attr-defined]
+    return app
+
+
+class _DurableConstantEndpoint:
+    """`_ConstantEndpoint` plus the group commit of `create_durable_app`, answered from the commit's callback (no
+    task, no coroutine), as filefeed's direct path answers a staged update."""
+
+    def __init__(self) -> None:
+        self.group: _GroupCommit | None = None  # opened in the worker, on its first request
+
+    def serve(self, plugin, raw: bytes, exchange) -> None:  # type: ignore[no-untyped-def]
+        code, answer = _parse_and_answer(raw)
+        if code != 200:
+            exchange.respond(Response(answer, code, media_type="application/json"))
+            return
+        if self.group is None:
+            self.group = _ThreadedGroupCommit() if os.environ.get("BENCH_FSYNC_THREAD") else _GroupCommit()
+        self.group.wait().add_done_callback(
+            lambda _: exchange.respond(Response(answer, code, media_type="application/json")))
+
+
+def create_direct_durable_app():  # type: ignore[no-untyped-def]
+    """`create_direct_app` with every answer after a group-committed write + fsync: the most any durable endpoint
+    on filefeed's serving path and this disk can answer (no identifiers, no frames, no per-row answer)."""
+    app = create_direct_app()
+    app.direct_routes = {b"/v1/user_segment_update": _DurableConstantEndpoint()}  # type: ignore[attr-defined]
     return app
 
 

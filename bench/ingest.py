@@ -18,7 +18,9 @@ its ratio to the 1-feed (first N) figure. `--repo` runs the server from another 
 `--peer node-sdk --ceiling` adds, in the same alternated rounds, the parse-and-constant endpoint as a raw ASGI
 callable on filefeed's own server, answered straight from the protocol as filefeed's hot routes are (`direct`), and on
 granian's RSGI interface (bench/bare_app.py): nothing durable, no framework, so their ratio to the peer is the most
-any endpoint on that serving path could reach on this machine under this load.
+any endpoint on that serving path could reach on this machine under this load. And the same direct endpoint answering
+after a group-committed write + fsync (`direct-durable`; `durable-thread`: the write + fsync pipelined on a thread, the
+loop never blocked): the most any endpoint that makes each request durable before its answer could reach here.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ def filefeed_and_peer(name: str, env: dict[str, str], workers: int, tmp: Path, f
         gateway.close()
 
 
-CEILINGS = ("raw-asgi", "direct", "rsgi")
+CEILINGS = ("raw-asgi", "direct", "direct-durable", "durable-thread", "rsgi")
 
 
 @contextlib.contextmanager
@@ -301,7 +303,9 @@ def ceilings(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> Iterat
         return
     commands = {name: [sys.executable, "-m", "bench.serve_bare", f"bench.bare_app:{factory}", "--host",
                        "127.0.0.1", "--workers", str(args.workers), "--port"]
-                for name, factory in (("raw-asgi", "create_raw_app"), ("direct", "create_direct_app"))}
+                for name, factory in (("raw-asgi", "create_raw_app"), ("direct", "create_direct_app"),
+                                      ("direct-durable", "create_direct_durable_app"),
+                                      ("durable-thread", "create_direct_durable_app"))}
     if importlib.util.find_spec("granian") is not None:
         # single-threaded runtime: measured faster than the default on 2 cores (the Python thread is the bottleneck)
         commands["rsgi"] = [sys.executable, "-m", "granian", "--interface", "rsgi", "--workers", str(args.workers),
@@ -312,7 +316,8 @@ def ceilings(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> Iterat
         for name, cmd in commands.items():
             port = free_port()
             proc = subprocess.Popen([*cmd, str(port), *(["bench.bare_app:rsgi_app"] if name == "rsgi" else [])],
-                                    env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
+                                    env={**env, "BENCH_FSYNC_THREAD": "1"} if name == "durable-thread" else env,
+                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
             procs[name] = (proc, f"http://127.0.0.1:{port}")
             wait_ready(procs[name][1], proc)
         yield procs
@@ -368,7 +373,10 @@ def peer_main(args: argparse.Namespace) -> None:
     print(f"  overall   filefeed {total['filefeed']:,.0f} req/s, {args.peer} {total[args.peer]:,.0f} req/s, ratio "
           f"{ratio:.2f}  (target >= 4.0: {'ok' if ratio >= 4.0 else 'NOT MET'})")
     for name in [n for n in procs if n in CEILINGS]:
-        print(f"  ceiling   {name} (parse the body, answer a constant, nothing durable) {total[name]:,.0f} req/s: "
+        what = {"direct-durable": "parse the body, group-committed write + fsync, answer a constant",
+                "durable-thread": "the same, the write + fsync pipelined on a thread of their own"}.get(
+                    name, "parse the body, answer a constant, nothing durable")
+        print(f"  ceiling   {name} ({what}) {total[name]:,.0f} req/s: "
               f"{total[name] / total[args.peer]:.2f}x {args.peer}; filefeed reaches {total['filefeed'] / total[name]:.2f}"
               " of it")
     print("  RSS at the end: " + ", ".join(f"{n} {v:.0f} MB" for n, v in rss.items()))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import threading
 
 import orjson
 from starlette.applications import Starlette
@@ -93,8 +94,6 @@ class _ThreadedGroupCommit(_GroupCommit):
 
     def __init__(self) -> None:
         super().__init__()
-        import threading
-
         self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = False
         self._cond = threading.Condition()

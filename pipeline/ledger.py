@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS rolls (
     UNIQUE (partition, roll_id)
 );
 CREATE INDEX IF NOT EXISTS rolls_by_age ON rolls (published_ts);
-CREATE INDEX IF NOT EXISTS rolls_by_publication ON rolls (partition, published_ts, id);
+CREATE INDEX IF NOT EXISTS rolls_by_publication ON rolls (partition, published_ts);  -- + rowid, implicitly
 CREATE TABLE IF NOT EXISTS segments (
     partition TEXT NOT NULL,
     name TEXT NOT NULL,

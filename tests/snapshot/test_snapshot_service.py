@@ -20,8 +20,7 @@ def test_snapshot_feed_through_the_service(tmp_path, filefeed_factory) -> None:
     second = send_batch(srv, deletes, op="DELETE")
     assert (second["status"], second["sent_items_in_success"]) == ("OK", len(deletes))
     files = destination_files(out)
-    # in the order they were written: two rolls planned in the same second have ids (and names) of the same second,
-    # ordered by their hash, not by time
+    # in the order they were written (names agree since roll ids carry milliseconds: tests/rollover/test_rollover.py)
     data = sorted((n for n in files if not n.endswith(".manifest.json")), key=lambda n: (out / n).stat().st_mtime_ns)
     assert len(data) == 2 and all(n.startswith(f"{SEGMENT}/full_") for n in data)
     first_ids = {r["identifier"] for r in decode_file(data[0], files[data[0]])}

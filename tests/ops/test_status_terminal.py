@@ -25,6 +25,10 @@ LONG_SEGMENT = "4512567890"
 FILE = f"{LONG_SEGMENT}/20261201T101500Z_UPSERT_20261201T101500-0123456789_part00001.csv.gz"
 
 
+# three hours ago: between 00:00 and 03:00 UTC its date is not today's (the test once asserted today's, and failed)
+PUBLISHED = datetime.now(UTC) - timedelta(hours=3)
+
+
 def _fill(root: Path, feeds: Path) -> None:
     """A feed with a long history: 12 M rows delivered, a hundred thousand staged."""
     staging = Staging(root)
@@ -35,7 +39,7 @@ def _fill(root: Path, feeds: Path) -> None:
                                     for i in range(123_456 if op == "UPSERT" else 7)])
             Ledger(partition_dir(root, p)).record(LedgerEntry(
                 roll_id="20261201T101500-0123456789", partition=str(p), planned_at="2026-12-01T10:15:00+00:00",
-                published_at=(datetime.now(UTC) - timedelta(hours=3)).isoformat(),
+                published_at=PUBLISHED.isoformat(),
                 files=({"name": FILE, "rows": 1_000_000, "bytes": 98_765_432, "sha256": "0" * 64},), manifest=None,
                 rows=12_345_678, bytes=987_654_321, segments=("w1-00000001.jnl",)))
     finally:
@@ -100,7 +104,7 @@ def test_status_fits_the_terminal(env: dict[str, str], columns: int) -> None:
 def test_status_wide_shows_every_column(env: dict[str, str]) -> None:
     text = _on_terminal({**env, "COLUMNS": "120"}, "status", "--wide").replace("\n", "")  # the terminal wraps
     for value in ("42/4512567890/UPSERT", "123,456", "12,345,678", "987,654,321", "13,098,832",
-                  datetime.now(UTC).strftime("%Y-%m-%d"), FILE):
+                  PUBLISHED.strftime("%Y-%m-%d"), FILE):
         assert value in text, f"{value!r} missing from --wide:\n{text}"
     # piped (no terminal), the long file name stays one piece even with a narrow COLUMNS
     piped = subprocess.run([sys.executable, "-m", "filefeed", "status", "--wide"], env={**env, "COLUMNS": "80"},

@@ -25,8 +25,9 @@ LONG_SEGMENT = "4512567890"
 FILE = f"{LONG_SEGMENT}/20261201T101500Z_UPSERT_20261201T101500-0123456789_part00001.csv.gz"
 
 
-# three hours ago: between 00:00 and 03:00 UTC its date is not today's (the test once asserted today's, and failed)
-PUBLISHED = datetime.now(UTC) - timedelta(hours=3)
+# when _fill's deliveries were published: three hours before the test runs (so "3.0h ago"); between 00:00 and
+# 03:00 UTC that date is not today's (the test once asserted today's, and failed)
+WRITTEN: dict[str, datetime] = {}
 
 
 def _fill(root: Path, feeds: Path) -> None:
@@ -37,9 +38,10 @@ def _fill(root: Path, feeds: Path) -> None:
             p = Partition("42", LONG_SEGMENT, op)
             staging.append_sync(p, [("USER_EMAIL", f"{i:064x}", 1717494873000 + i, "1", "1023", f"up-{i}")
                                     for i in range(123_456 if op == "UPSERT" else 7)])
+            WRITTEN["published"] = datetime.now(UTC) - timedelta(hours=3)
             Ledger(partition_dir(root, p)).record(LedgerEntry(
                 roll_id="20261201T101500-0123456789", partition=str(p), planned_at="2026-12-01T10:15:00+00:00",
-                published_at=PUBLISHED.isoformat(),
+                published_at=WRITTEN["published"].isoformat(),
                 files=({"name": FILE, "rows": 1_000_000, "bytes": 98_765_432, "sha256": "0" * 64},), manifest=None,
                 rows=12_345_678, bytes=987_654_321, segments=("w1-00000001.jnl",)))
     finally:
@@ -104,7 +106,7 @@ def test_status_fits_the_terminal(env: dict[str, str], columns: int) -> None:
 def test_status_wide_shows_every_column(env: dict[str, str]) -> None:
     text = _on_terminal({**env, "COLUMNS": "120"}, "status", "--wide").replace("\n", "")  # the terminal wraps
     for value in ("42/4512567890/UPSERT", "123,456", "12,345,678", "987,654,321", "13,098,832",
-                  PUBLISHED.strftime("%Y-%m-%d"), FILE):
+                  WRITTEN["published"].strftime("%Y-%m-%d"), FILE):
         assert value in text, f"{value!r} missing from --wide:\n{text}"
     # piped (no terminal), the long file name stays one piece even with a narrow COLUMNS
     piped = subprocess.run([sys.executable, "-m", "filefeed", "status", "--wide"], env={**env, "COLUMNS": "80"},

@@ -2,6 +2,7 @@
 
     python bench/batch_update.py [--batches 20] [--items 10000] [--workers 2]
     python bench/batch_update.py --peer node-sdk [--rounds 2]      # against the official SDK's feed
+    python bench/batch_update.py --peer node-sdk --ceiling         # + the durable floor (bench/bare_batch.py)
     python bench/batch_update.py --old-repo PATH [--rounds 4]      # against another checkout (the previous release)
 
 Two cases, in one command (into staging twice: one call in flight, then --concurrency calls in flight, as the
@@ -17,6 +18,7 @@ The baseline beside them: the same bodies posted to a bare endpoint of the same 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,6 +92,25 @@ def setup() -> tuple[Path, Path, dict[str, str]]:
     return tmp, out, env
 
 
+@contextlib.contextmanager
+def floor(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> Iterator[dict[str, tuple[subprocess.Popen, str]]]:
+    """With --ceiling: bench/bare_batch.py's durable floor, served like filefeed (the same workers and serving path)."""
+    if not args.ceiling:
+        yield {}
+        return
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.serve_bare", "bench.bare_batch:create_durable_app", "--host",
+                             "127.0.0.1", "--port", str(port), "--workers", str(args.workers)],
+                            env={**env, "BENCH_FLOOR_DIR": str(tmp / "floor")}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / "floor.log", "wb"))
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        yield {"floor": (proc, f"http://127.0.0.1:{port}")}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
 def peer_main(args: argparse.Namespace) -> None:
     """`--peer node-sdk`: the same 10,000-item batches, one call in flight, into filefeed's staging (parse, stage with
     fsync, roll, publish) and into the official SDK's batched feed (parse, append to a CSV, no fsync); every pass with
@@ -102,7 +124,9 @@ def peer_main(args: argparse.Namespace) -> None:
         return [batch([item((k * args.batches + b) * n + i) for i in range(n)]) for b in range(args.batches)]
 
     print(f"before: {load_average()}")
-    with filefeed_and_peer(args.peer, env, args.workers, tmp, tmp / "peer-delivery", "USER_EMAIL") as procs:
+    with filefeed_and_peer(args.peer, env, args.workers, tmp, tmp / "peer-delivery", "USER_EMAIL") as procs, \
+            floor(args, env, tmp) as extra:
+        procs.update(extra)
         for _, url in procs.values():  # warm-up pass (JIT, first roll), not counted
             post_all(url, fresh()[:3], 3 * n)
         rounds: list[dict[str, tuple[float, list[dict], float]]] = []
@@ -124,11 +148,17 @@ def peer_main(args: argparse.Namespace) -> None:
             statuses = sorted({str(a.get("status")) for a in answers})
             print(f"  round {i} {name:9s} {rate:10,.0f} items/s  server CPU {cpu_us:5.2f} us/item  answers {statuses}, "
                   f"sent_items_in_success {sent:,} of {total:,}")
-        print(f"  round {i} ratio filefeed/{args.peer}: {rnd['filefeed'][0] / rnd[args.peer][0]:.2f}")
+        print(f"  round {i} ratio filefeed/{args.peer}: {rnd['filefeed'][0] / rnd[args.peer][0]:.2f}"
+              + (f"   (floor/{args.peer} {rnd['floor'][0] / rnd[args.peer][0]:.2f}, filefeed/floor "
+                 f"{rnd['filefeed'][0] / rnd['floor'][0]:.2f})" if "floor" in rnd else ""))
     mean = {name: len(rounds) / sum(1 / r[name][0] for r in rounds) for name in procs}  # items over total time
     ratio = mean["filefeed"] / mean[args.peer]
     print(f"  overall   filefeed {mean['filefeed']:,.0f} items/s, {args.peer} {mean[args.peer]:,.0f} items/s, ratio "
           f"{ratio:.2f}  (target >= 1.5: {'ok' if ratio >= 1.5 else 'NOT MET'})")
+    if "floor" in mean:
+        print(f"  ceiling   floor (decode, TSV + fsync, CSV + gzip + fsync + rename, nothing else) "
+              f"{mean['floor']:,.0f} items/s: {mean['floor'] / mean[args.peer]:.2f}x {args.peer}; filefeed reaches "
+              f"{mean['filefeed'] / mean['floor']:.2f} of it")
     print(f"after: {load_average()}")
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -196,6 +226,8 @@ def main() -> None:
                     help="calls in flight for the concurrent pass (default: as many as workers)")
     ap.add_argument("--peer", choices=peer.PEERS, help="filefeed against this peer, one call in flight, alternated")
     ap.add_argument("--rounds", type=int, default=2, help="alternated rounds with --peer or --old-repo")
+    ap.add_argument("--ceiling", action="store_true", help="with --peer: also the durable floor (bench/bare_batch.py "
+                    "create_durable_app) in the same rounds")
     ap.add_argument("--old-repo", type=Path, default=None,
                     help="another checkout's filefeed against this one, one call in flight, alternated")
     args = ap.parse_args()

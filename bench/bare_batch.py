@@ -115,7 +115,9 @@ class _DurableBatchEndpoint:
                 self.work = _DurableBatch()
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.work.executor, self.work.deliver, raw)
-        future.add_done_callback(lambda f: exchange.respond(Response(f.result(), media_type="application/json")))
+        future.add_done_callback(lambda f: exchange.respond(
+            Response(b'{"status":"error"}', 500, media_type="application/json") if f.exception() is not None
+            else Response(f.result(), media_type="application/json")))
 
 
 def create_durable_app():  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@ restart, a slot retried after a crash writes the same names, batch_update answer
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -98,6 +99,10 @@ def test_scheduled_snapshot_delivers_every_slot_changed_or_not(tmp_path: Path) -
     feeds = {UPSERT.feed_id: props}
     stage_changes(root, "a", [("UPSERT", i, 0) for i in range(5)])
     assert delivery.roll(root, UPSERT, props).status == "nothing"  # applied (counted by batch_update), not delivered
+    # applied on day 1 of the test's clock: the state's files carry the wall clock's time, which is past day 2's
+    # slot from 2026-12-02 02:00 UTC on (the first slot would then be day 3's)
+    for path in root.rglob("*"):
+        os.utime(path, (at(1, 1).timestamp(), at(1, 1).timestamp()), follow_symlinks=False)
     scheduler.deliver_due_slots(root, feeds, now=at(2, 2, 0, 1))
     scheduler.deliver_due_slots(root, feeds, now=at(3, 2, 0, 1))  # nothing changed: the full file all the same
     names = data_names(dest)

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import orjson
@@ -35,7 +35,7 @@ import orjson
 from pipeline import delivery
 from pipeline.durable import create_only_bytes
 from pipeline.identifiers import MAX_TS_MS, MAX_VALUE_LENGTH, MIN_TS_MS
-from pipeline.journal import encode_frame, encode_lines
+from pipeline.journal import encode_frame, lines_payload
 from pipeline.layout import FAILED, SEALED, SUFFIX
 from pipeline.layout import FORBIDDEN_RE as _FORBIDDEN
 from pipeline.layout import SEGMENT_NAME_RE as _REF
@@ -65,7 +65,8 @@ def batch_answer(status: str, *, sent: int = 0, errors: int = 0, message: str | 
 @dataclass
 class _PartitionWork:
     refs: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # segment name -> items
-    rows: list[tuple[tuple, str | None]] = field(default_factory=list)  # (row, ref or None)
+    # (the row as its staged TSV line, ref or None): the line is all a loose row needs, built once while parsing
+    rows: list[tuple[str, str | None]] = field(default_factory=list)
 
 
 # The fields of a row item, read in one C call when all are present (the platform sends them all).
@@ -83,18 +84,26 @@ def _text(v: Any) -> str | None:
     return None
 
 
+_Value = Annotated[str, msgspec.Meta(max_length=MAX_VALUE_LENGTH)]
+_Present = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_VALUE_LENGTH)]
+
+
 class _Item(msgspec.Struct, gc=False):
-    """An item as the platform sends it (ids as strings, `ts` an int), decoded with no dict; an item of any other
-    shape fails to decode and takes the general path (_general_fields), which answers it as it always did."""
+    """An item as the platform sends it (ids as strings, `ts` an int), decoded with no dict, its bounds checked in C.
+
+    An item of any other shape, or outside a bound, fails to decode and takes the general path (_general_fields),
+    which answers it as it always did: every bound here is one the general path checks too (a value within the
+    general path's limits but past one of these, such as a long session id beside short values, is simply judged
+    there)."""
 
     segment_id: str | None = None
     operation: str | None = None
-    identifier_type: str | None = None
-    identifier: str | None = None
-    ts: int | None = None
-    session_id: str | None = None
-    datamart_id: str | None = None
-    user_point_id: str | None = None
+    identifier_type: _Present | None = None
+    identifier: _Present | None = None
+    ts: Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)] | None = None
+    session_id: _Value | None = None
+    datamart_id: _Value | None = None
+    user_point_id: _Value | None = None
     ref: str | None = None
 
 
@@ -126,13 +135,26 @@ def _general_fields(raw: Any) -> tuple | None:
     return (*values, raw.get("ref"), check)
 
 
+def _work_for(work: dict[Partition, _PartitionWork], feed_id: str, segment_id: Any, op: Any) -> _PartitionWork | None:
+    """The work of partition (segment_id, op), new; None when those are no partition of this feed."""
+    if op not in OPERATIONS:
+        return None
+    try:
+        partition = Partition(feed_id, segment_id, op)
+    except ValueError:
+        return None
+    w = work[partition] = _PartitionWork()
+    return w
+
+
 def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partition, _PartitionWork], int]:
     """Batch items -> rows grouped by partition (with their refs), and the number of items that cannot be rows.
 
-    Hot: 10,000 items a call, so one flat loop with cached partitions and refs; an item in the platform's shape is
-    decoded by msgspec into a slotted struct (about half the cost of a dict from orjson). Values must not hold a
-    tab, newline, CR or NUL (the journal's separators). JSON forbids those characters raw inside strings, so an item
-    sent as JSON text without a backslash cannot hold one: only items with escapes, or sent as objects, are searched.
+    Hot: 10,000 items a call, so one flat loop with cached partitions and refs. An item in the platform's shape (JSON
+    text without escapes, every value within its bound) is decoded by msgspec into a slotted struct that checks the
+    bounds in C, and takes the short branch; any other item takes the general one. Values must not hold a tab,
+    newline, CR or NUL (the journal's separators). JSON forbids those characters raw inside strings, so an item sent
+    as JSON text without a backslash cannot hold one: only items with escapes, or sent as objects, are searched.
     `ts` must be an int in [MIN_TS_MS, MAX_TS_MS]: every value checked here can be staged, encoded and answered.
     """
     feed_id = str(context["feed_id"])
@@ -140,32 +162,67 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
     default_segment = context.get("segment_id")
     default_session = context.get("feed_session_id") or ""
     default_datamart = context.get("datamart_id") or ""
+    text = _text
+    # The defaults as the general branch turns them into text (`value or default`, then _text when not a str).
+    segment_or = default_segment if type(default_segment) is str else text(default_segment)
+    session_or = default_session if type(default_session) is str else text(default_session)
+    datamart_or = default_datamart if type(default_datamart) is str else text(default_datamart)
+    max_len = MAX_VALUE_LENGTH
+    # The short branch's values are within max_len each; only longer defaults can pass the general sum bound.
+    sum_check = any(v is not None and len(v) > max_len for v in (session_or, datamart_or))
+    short = type(default_op) is str or default_op is None  # else every item takes the general branch
     partitions: dict[tuple[Any, Any], _PartitionWork | None] = {}  # (segment_id, operation) -> its work
     refs: dict[str, str | None] = {}  # ref -> itself when it is a well-formed segment name, else None
     work: dict[Partition, _PartitionWork] = {}
     invalid = 0
-    decode_item, not_item, forbidden, max_len = _decode_item, _NOT_ITEM, _FORBIDDEN.search, MAX_VALUE_LENGTH
-    text = _text
+    decode_item, not_item, forbidden = _decode_item, _NOT_ITEM, _FORBIDDEN.search
+    last_segment: Any = None
+    last_op: Any = None
+    last_w: _PartitionWork | None = None
     for raw in items:
-        if type(raw) is str and "\\" not in raw:
+        if short and type(raw) is str and "\\" not in raw:
             try:
                 it = decode_item(raw)
             except not_item:
-                fields = _general_fields(raw)
-                if fields is None:
+                pass
+            else:
+                segment_id = it.segment_id or segment_or
+                op = it.operation or default_op
+                if segment_id != last_segment or op != last_op or last_w is None:
+                    try:
+                        w = partitions[segment_id, op]
+                    except KeyError:
+                        w = None
+                        if segment_id is not None and op is not None:
+                            w = _work_for(work, feed_id, segment_id, op)
+                            partitions[segment_id, op] = w
+                    last_segment, last_op, last_w = segment_id, op, w
+                else:
+                    w = last_w
+                id_type, ident, ts = it.identifier_type, it.identifier, it.ts
+                session_id = it.session_id or session_or
+                datamart_id = it.datamart_id or datamart_or
+                user_point_id = it.user_point_id or ""
+                if (w is None or id_type is None or ident is None or ts is None or session_id is None
+                        or datamart_id is None or (sum_check and len(id_type) + len(ident) + len(session_id)
+                                                   + len(datamart_id) + len(user_point_id) > 5 * max_len)):
                     invalid += 1
                     continue
-                segment_id, op, id_type, ident, ts, session_id, datamart_id, user_point_id, ref, check = fields
-            else:
-                segment_id, op, id_type, ident, ts = it.segment_id, it.operation, it.identifier_type, it.identifier, it.ts
-                session_id, datamart_id, user_point_id, ref = it.session_id, it.datamart_id, it.user_point_id, it.ref
-                check = False
-        else:
-            fields = _general_fields(raw)
-            if fields is None:
-                invalid += 1
+                ref = it.ref
+                if ref is not None:
+                    if ref in refs:
+                        ref = refs[ref]
+                    else:
+                        ref = refs[ref] = ref if _REF.fullmatch(ref) else None
+                    if ref is not None:
+                        w.refs[ref] += 1
+                w.rows.append((f"{id_type}\t{ident}\t{ts}\t{session_id}\t{datamart_id}\t{user_point_id}\n", ref))
                 continue
-            segment_id, op, id_type, ident, ts, session_id, datamart_id, user_point_id, ref, check = fields
+        fields = _general_fields(raw)
+        if fields is None:
+            invalid += 1
+            continue
+        segment_id, op, id_type, ident, ts, session_id, datamart_id, user_point_id, ref, check = fields
         segment_id = segment_id or default_segment
         op = op or default_op
         session_id = session_id or default_session
@@ -185,15 +242,7 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
             if segment_id is None or type(op) is not str:
                 invalid += 1
                 continue
-            w = None
-            if op in OPERATIONS:
-                try:
-                    partition = Partition(feed_id, segment_id, op)
-                except ValueError:
-                    partition = None
-                if partition is not None:
-                    w = work[partition] = _PartitionWork()
-            partitions[segment_id, op] = w
+            w = partitions[segment_id, op] = _work_for(work, feed_id, segment_id, op)
         except TypeError:  # an unhashable operation
             invalid += 1
             continue
@@ -213,7 +262,7 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
                 ref = refs[ref] = ref if _REF.fullmatch(ref) else None
             if ref is not None:
                 w.refs[ref] += 1
-        w.rows.append(((id_type, ident, ts, session_id, datamart_id, user_point_id), ref))
+        w.rows.append((f"{id_type}\t{ident}\t{ts}\t{session_id}\t{datamart_id}\t{user_point_id}\n", ref))
     return {p: w for p, w in work.items() if w.rows}, invalid
 
 
@@ -240,9 +289,10 @@ def loose_segment_name(lines: list[str]) -> str:
     return f"batch_{digest.hexdigest()[:24]}-00000000"
 
 
-def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple]) -> str:
-    """Write rows staged by nobody here into a sealed segment whose name is a hash of the rows (create-only)."""
-    lines, payload = encode_lines(rows)
+def _stage_loose(staging: Staging, partition: Partition, lines: list[str]) -> str:
+    """Write rows staged by nobody here (their TSV lines) into a sealed segment whose name is a hash of the rows
+    (create-only)."""
+    payload = lines_payload(lines)
     name = loose_segment_name(lines)
     pdir = partition_dir(staging.root, partition)
     path = pdir / SEALED / (name + SUFFIX)
@@ -252,7 +302,7 @@ def _stage_loose(staging: Staging, partition: Partition, rows: list[tuple]) -> s
     if consumed(staging.root, partition, [name + SUFFIX]):
         return name
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not create_only_bytes(path, encode_frame(payload, len(rows), int(time.time() * 1000))):
+    if not create_only_bytes(path, encode_frame(payload, len(lines), int(time.time() * 1000))):
         log.debug("loose segment %s of %s was staged by a concurrent batch", name, partition)
     return name
 
@@ -285,7 +335,7 @@ def deliver_batch(staging: Staging, ctx: FeedContext, body: dict[str, Any], sett
         unknown = {n for n, st in states.items() if st is None and locate_segment(staging, partition, n) is None}
         counted: dict[str, int] = {n: c for n, c in w.refs.items() if n not in unknown}
         # rows to stage now: items without ref, and items whose ref this staging volume does not know
-        loose = [row for (row, ref) in w.rows if ref is None or ref in unknown]
+        loose = [line for (line, ref) in w.rows if ref is None or ref in unknown]
         if loose:
             name = _stage_loose(staging, partition, loose)
             counted[name] = counted.get(name, 0) + len(loose)

@@ -842,12 +842,19 @@ def _remove_roll_dir(rdir: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _bump_attempts(rdir: Path) -> int:
+def _bump_attempts(rdir: Path, fresh: bool = False) -> int:
+    """The attempt about to run, counted durably first (a roll that kills its process each time still ends failed).
+
+    A roll folder appears with its plan, and the plan counts as its first attempt started: the first attempt, run
+    right after planning (`fresh`), writes nothing (two fsyncs of every roll), and `attempts.json` holds the count
+    from the second attempt on (`filefeed retry` sets it back to none started)."""
+    if fresh:
+        return 1
     path = rdir / "attempts.json"
     try:
-        attempts = int(read_json(path).get("attempts", 0))
+        attempts = int(read_json(path).get("attempts", 1))
     except (FileNotFoundError, ValueError, AttributeError):
-        attempts = 0
+        attempts = 1
     attempts += 1
     atomic_write_json(path, {"attempts": attempts})
     return attempts
@@ -907,16 +914,17 @@ def _fail(pdir: Path, rdir: Path, error: RollError, attempts: int) -> None:
 
 
 def _run_roll(
-    pdir: Path, partition: Partition, roll_id: str, sink: Sink, lease: Lease
+    pdir: Path, partition: Partition, roll_id: str, sink: Sink, lease: Lease, fresh: bool = False
 ) -> _RollDone:
-    """Drive one roll folder from whatever state it is in to the ledger. Raises RollError (already handled on disk)."""
+    """Drive one roll folder from whatever state it is in to the ledger (`fresh`: just planned by this call). Raises
+    RollError (already handled on disk)."""
     rdir = pdir / ROLLING / roll_id
     ledger = Ledger(pdir)
     done = ledger.get(roll_id)
     if done is not None:
         _remove_roll_dir(rdir)  # crashed after the ledger entry: only the clean-up was left
         return _RollDone(roll_id)
-    attempts = _bump_attempts(rdir)
+    attempts = _bump_attempts(rdir, fresh)
     try:
         plan = _Plan.from_dict(read_json(rdir / "plan.json"), partition)
         _finish_moves(pdir, rdir, plan)
@@ -1010,7 +1018,7 @@ def _roll_locked(
             plan = _plan_roll(pdir, partition, props, now, datamart_id, kind, replica)
             if plan is not None:
                 roll_ids.append(plan.roll_id)
-                done = _run_roll(pdir, partition, plan.roll_id, sink, lease)
+                done = _run_roll(pdir, partition, plan.roll_id, sink, lease, fresh=True)
                 files.extend(done.files)
                 rows += done.rows
             if kind.slot is not None:
@@ -1109,7 +1117,7 @@ def retry_failed(
             fdir = pdir / FAILED / roll_id
             if (fdir / "reason.json").exists():
                 os.replace(fdir / "reason.json", fdir / "last_failure.json")
-            (fdir / "attempts.json").unlink(missing_ok=True)
+            atomic_write_json(fdir / "attempts.json", {"attempts": 0})  # none started: the next one is the first
             if props is not None:
                 _rekey(fdir, props)
             os.rename(fdir, rolling / roll_id)

@@ -265,6 +265,39 @@ def test_unknown_errors_are_retried_a_bounded_number_of_times(root: Path, dest: 
     reason = json.loads((root / P.relpath / "failed" / roll_id / "reason.json").read_text())
     assert reason["kind"] == "unknown" and reason["attempts"] == MAX_UNKNOWN_ATTEMPTS
     assert reason["exception"] == "RuntimeError"
+    # `filefeed retry` counts again from the first attempt: the same surprise is transient again, then published
+    surprise = ScriptedSink(props, [RuntimeError("surprise from a client library")])
+    assert retry_failed(root, P, surprise).status == "transient"
+    rdir = root / P.relpath / "rolling" / roll_id
+    assert json.loads((rdir / "attempts.json").read_text()) == {"attempts": 1}
+    assert roll_partition(root, P, props, open_sink(props), now=NOW).status == "published"
+    assert ids(destination_rows(dest)) == expected_ids((0, 3))
+
+
+def test_attempts_killed_mid_roll_are_counted(root: Path, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A roll that kills its process is counted like one that raises: the first attempt by its plan alone."""
+    from pipeline import rollover
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_the_moves(name: str) -> None:  # a point every attempt passes
+        if name == "moves":
+            raise Killed
+
+    stage_segment(root, P, "w1-000001.jnl", make_rows(3))
+    props = props_for(dest)
+    monkeypatch.setattr(rollover, "crash_point", killed_after_the_moves)
+    for _ in range(3):
+        with pytest.raises(Killed):
+            roll_partition(root, P, props, open_sink(props), now=NOW)
+    monkeypatch.undo()
+    broken = ScriptedSink(props, [TerminalError("access denied to bucket", kind="permission")])
+    assert roll_partition(root, P, props, broken, now=NOW).status == "terminal"
+    (roll_id,) = failed_rolls(root, P)
+    reason = json.loads((root / P.relpath / "failed" / roll_id / "reason.json").read_text())
+    assert reason["attempts"] == 4
+    assert not destination_files(dest)
 
 
 def test_corrupt_segment_goes_to_failed_not_published(root: Path, dest: Path) -> None:

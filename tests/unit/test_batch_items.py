@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 
 from pipeline.batch import parse_items
+from pipeline.journal import iter_payload_lines
 from pipeline.model import Partition
 
 CONTEXT = {"feed_id": "42", "feed_session_id": "s-1", "segment_id": "451256", "datamart_id": "1023",
@@ -13,8 +14,10 @@ GOOD = {"identifier_type": "USER_EMAIL", "identifier": "ab" * 32, "ts": 17174948
 
 
 def rows_of(items: list) -> tuple[list[tuple], int]:
+    """The staged rows (as tuples, read back from their TSV lines) and the items in error."""
     work, invalid = parse_items(CONTEXT, items)
-    return [row for w in work.values() for row, _ in w.rows], invalid
+    lines = "".join(line for w in work.values() for line, _ in w.rows)
+    return list(iter_payload_lines(lines.encode())), invalid
 
 
 def test_json_strings_objects_and_bytes_give_the_same_row() -> None:
@@ -80,7 +83,13 @@ def test_items_as_json_text_are_answered_as_the_same_items_as_objects() -> None:
                 {**GOOD, "session_id": 17}, {**GOOD, "datamart_id": 1.5}, {**GOOD, "user_point_id": False},
                 {**GOOD, "operation": "DELETE"}, {**GOOD, "operation": 3}, {**GOOD, "operation": ""},
                 {**GOOD, "ref": "w1-aaa-00000001"}, {**GOOD, "ref": 12}, {**GOOD, "ref": "../x"},
-                {**GOOD, "unknown": {"nested": [1, 2]}}, {**GOOD, "identifier": "é" * 10}, {}]
+                {**GOOD, "unknown": {"nested": [1, 2]}}, {**GOOD, "identifier": "é" * 10}, {},
+                # at and past the bounds the typed decode checks itself (past one, the general rules judge the item)
+                {**GOOD, "identifier": "é" * 1024}, {**GOOD, "identifier": "é" * 1025}, {**GOOD, "identifier": ""},
+                {**GOOD, "identifier_type": ""}, {**GOOD, "identifier_type": "T" * 1100},
+                {**GOOD, "session_id": "s" * 1500}, {**GOOD, "session_id": "s" * 5000},
+                {**GOOD, "datamart_id": "d" * 1025, "user_point_id": "u" * 1025},
+                {**GOOD, "ts": 0}, {**GOOD, "ts": 253_402_300_799_999}, {**GOOD, "ts": 253_402_300_800_000}]
     texts = [orjson.dumps(v).decode() for v in variants]
     texts += ['{"identifier_type":"T","identifier":"a","identifier":"b","ts":1717494873000}', "[1]", "1", "null",
               '{"identifier_type":"T","identifier":"a","ts":100000000000000000000000000000}',
@@ -95,3 +104,10 @@ def test_items_as_json_text_are_answered_as_the_same_items_as_objects() -> None:
     assert answer(texts) == answer(objects)
     for text, obj in zip(texts, objects, strict=True):
         assert answer([text]) == answer([obj]), text
+    # defaults longer than a value's bound: the sum of the lengths still decides, in both forms
+    long_context = {**CONTEXT, "feed_session_id": "z" * 1500, "datamart_id": "d" * 1500}
+    for variant in ({**GOOD, "identifier": "i" * 1000}, {**GOOD, "identifier": "i" * 1024, "user_point_id": "u" * 1024},
+                    {**GOOD, "identifier_type": "T" * 1024, "identifier": "i" * 1024, "user_point_id": "u" * 1024}):
+        got = [parse_items(long_context, [form]) for form in (orjson.dumps(variant).decode(), variant)]
+        assert [(invalid, [w.rows for w in work.values()]) for work, invalid in got][0] == \
+            [(invalid, [w.rows for w in work.values()]) for work, invalid in got][1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import orjson
 
 from pipeline.batch import parse_items
@@ -111,3 +113,33 @@ def test_items_as_json_text_are_answered_as_the_same_items_as_objects() -> None:
         got = [parse_items(long_context, [form]) for form in (orjson.dumps(variant).decode(), variant)]
         assert [(invalid, [w.rows for w in work.values()]) for work, invalid in got][0] == \
             [(invalid, [w.rows for w in work.values()]) for work, invalid in got][1]
+
+
+def test_random_items_get_the_same_answer_as_json_text_and_as_objects() -> None:
+    """The short branch (JSON text in the platform's shape) against the general one (the same items as objects),
+    over seeded random items and contexts: the same rows, refs and items in error."""
+    rng = random.Random(17)
+    values = [None, "", "a", "x" * 1024, "x" * 1025, "y" * 2000, 5, 0, True, 1.5, [1], {"a": 1}, "a\tb", "é" * 1025,
+              "UPSERT", "DELETE", "MERGE", "../x", "451256", "batch_" + "a" * 24 + "-00000000", "w1-00000001"]
+    stamps = [None, 0, -1, 1717494873000, 253_402_300_799_999, 253_402_300_800_000, "1", True, 1.0]
+    names = ["segment_id", "operation", "identifier_type", "identifier", "ts", "session_id", "datamart_id",
+             "user_point_id", "ref", "extra"]
+    contexts = [CONTEXT, {**CONTEXT, "segment_id": 7, "feed_session_id": 12, "datamart_id": None},
+                {"feed_id": 42, "grouping_key": None}, {**CONTEXT, "grouping_key": 5},
+                {**CONTEXT, "feed_session_id": "z" * 1500, "datamart_id": "d" * 1500}]
+    rows = 0
+    for _ in range(400):
+        items = []
+        for _ in range(rng.randint(1, 25)):
+            item = {k: rng.choice(stamps if k == "ts" else values) for k in names if rng.random() < 0.7}
+            if rng.random() < 0.6:
+                item.update(identifier_type="USER_EMAIL", identifier="ab" * 32, ts=1717494873000)
+            items.append(item)
+        context = rng.choice(contexts)
+        as_text = parse_items(context, [orjson.dumps(i).decode() for i in items])
+        as_objects = parse_items(context, items)
+        assert as_text[1] == as_objects[1]
+        assert {p: (w.rows, dict(w.refs)) for p, w in as_text[0].items()} == \
+            {p: (w.rows, dict(w.refs)) for p, w in as_objects[0].items()}
+        rows += sum(len(w.rows) for w in as_text[0].values())
+    assert rows > 300  # the seeds give rows, not only items in error

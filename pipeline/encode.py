@@ -26,10 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
-from isal import igzip_threaded, isal_zlib
+from isal import isal_zlib
 
 from config.feed import COMPRESSIONS, Column, FeedProperties, parse_columns
 from pipeline.durable import fsync_dir
+from pipeline.gzip_blocks import BlockGzipWriter
 from pipeline.model import STAGED_FIELDS
 
 # Rows per chunk handed from the formatting thread to the compressing one: a few MB of CSV (about 100 bytes a row),
@@ -196,13 +197,40 @@ class _ColumnProjector:
 
 
 class _OrderedWorker:
-    """One background thread running submitted calls in order; the first error is raised back in the caller."""
+    """One background thread running submitted calls in order; the first error is raised back in the caller.
+
+    Take one with `take()` and give it back with `release()`: idle workers are kept (up to MAX_IDLE_WORKERS) for the
+    next file, since starting a thread while the GIL is busy costs about half a millisecond."""
 
     def __init__(self, depth: int = QUEUE_DEPTH, name: str = "filefeed-encode"):
+        self.depth = depth
+        self._pid = os.getpid()
         self._tasks: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    @classmethod
+    def take(cls, depth: int = QUEUE_DEPTH, name: str = "filefeed-encode") -> _OrderedWorker:
+        with _idle_lock:
+            for i, worker in enumerate(_idle_workers):
+                if worker.depth == depth:
+                    del _idle_workers[i]
+                    if worker._pid == os.getpid() and worker._thread.is_alive():  # threads do not survive a fork
+                        return worker
+                    break
+        return cls(depth, name)
+
+    def release(self) -> None:
+        """Back to the idle workers once every call ran, or closed (after an error, or when enough are idle)."""
+        if self._error is None and self._pid == os.getpid():
+            self._tasks.join()
+            if self._error is None:
+                with _idle_lock:
+                    if len(_idle_workers) < MAX_IDLE_WORKERS:
+                        _idle_workers.append(self)
+                        return
+        self.close()
 
     def _run(self) -> None:
         while True:
@@ -236,6 +264,11 @@ class _OrderedWorker:
         self._thread.join()
 
 
+MAX_IDLE_WORKERS = 4  # idle encode and digest threads a process keeps (a roll uses one or two at a time)
+_idle_workers: list[_OrderedWorker] = []
+_idle_lock = threading.Lock()
+
+
 class _DigestFile:
     """A write-only file that hashes and counts what goes through it (no second read to get the sha256).
 
@@ -249,7 +282,7 @@ class _DigestFile:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         self._sha = hashlib.sha256()
-        self._worker = _OrderedWorker(DIGEST_QUEUE_DEPTH, name="filefeed-digest") if background else None
+        self._worker = _OrderedWorker.take(DIGEST_QUEUE_DEPTH, name="filefeed-digest") if background else None
         self.size = 0
         self.closed = False
 
@@ -272,7 +305,7 @@ class _DigestFile:
             try:
                 self._worker.drain()
             finally:
-                self._worker.close()
+                self._worker.release()
                 self._worker = None
 
     def tell(self) -> int:
@@ -493,14 +526,13 @@ class _Rechunker:
 
 
 class _GzipStream:
-    """gzip through isal in pigz style: 256 KiB blocks deflated on two threads, each primed with the previous block's
-    last 32 KiB, written in order. The header has mtime 0 and no file name, so bytes depend on the data only.
-    Never Arrow's own gzip stream: it was about 15x slower on this project's benchmark machine (bench/rollover.py)."""
+    """gzip through isal in pigz style: 256 KiB blocks deflated on the process's two deflate threads, each primed with
+    the previous block's last 32 KiB, written in order (pipeline/gzip_blocks.py). The header has mtime 0 and no file
+    name, so bytes depend on the data only. Never Arrow's own gzip stream: it was about 15x slower on this project's
+    benchmark machine (bench/rollover.py)."""
 
     def __init__(self, target: _DigestFile):
-        self._gz = igzip_threaded.open(
-            target, "wb", compresslevel=GZIP_LEVEL, threads=GZIP_THREADS, block_size=GZIP_BLOCK_BYTES
-        )
+        self._gz = BlockGzipWriter(target, level=GZIP_LEVEL, threads=GZIP_THREADS, block_size=GZIP_BLOCK_BYTES)
 
     def compress(self, data: Any, /) -> bytes:
         self._gz.write(data)
@@ -511,14 +543,8 @@ class _GzipStream:
         return b""
 
     def discard(self) -> None:
-        """Finish the stream into the file being thrown away: close() drains and joins the compression threads.
-
-        Stopping the threads without closing would leave a writer whose finalizer later blocks forever on its queue.
-        """
-        try:
-            self._gz.close()
-        except Exception:  # noqa: BLE001,S110 - already failing; the caller reports the first error
-            pass
+        """The file being thrown away: its blocks in flight are dropped."""
+        self._gz.discard()
 
 
 class _WorkerFileWriter:
@@ -647,7 +673,7 @@ def encode_batches(
     files: list[EncodedFile] = []
     current: _FileWriter | None = None
     budget = _ByteBudget(spec)
-    worker = _OrderedWorker()
+    worker = _OrderedWorker.take()
     try:
         for batch in batches:
             if batch.num_rows == 0:
@@ -680,7 +706,7 @@ def encode_batches(
             current.abort()
         raise
     finally:
-        worker.close()
+        worker.release()
     if files:
         fsync_dir(out_dir)
     return files

@@ -359,7 +359,8 @@ class RollDedup:
             if len(k) > 1 and not (k[:-1] <= k[1:]).all():  # the store and the runs keep them sorted
                 self.known[i] = np.sort(k)
         self.seen = _HashSet(max_rows)  # rows of this roll
-        self.kept: list[np.ndarray] = []  # hashes this roll kept, in row order
+        self.kept: list[np.ndarray] = []  # hashes this roll kept, in row order: the newest max_rows (and a batch)
+        self._kept_rows = 0
         self.dropped = 0
 
     def _new_in_window(self, h: np.ndarray) -> np.ndarray:
@@ -394,6 +395,10 @@ class RollDedup:
         kept = int(np.count_nonzero(keep))
         self.dropped += len(h) - kept
         self.kept.append(h[keep])
+        self._kept_rows += kept
+        if self._kept_rows > 2 * self.max_rows:  # only the newest max_rows are saved: memory stays bounded by them
+            newest = np.concatenate(self.kept)[-self.max_rows:]
+            self.kept, self._kept_rows = [newest], len(newest)
         return batch if kept == len(h) else batch.filter(pa.array(keep))
 
     def kept_hashes(self) -> np.ndarray:

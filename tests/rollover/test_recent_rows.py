@@ -97,6 +97,20 @@ def test_roll_dedup_drops_repeats_within_and_across_batches() -> None:
     assert d.dropped == 5 and len(d.kept_hashes()) == 3
 
 
+def test_a_long_roll_keeps_only_the_newest_hashes_it_saves() -> None:
+    """A roll of many rows used to keep every kept hash (80 MB for 10 M rows) to save the newest max_rows of them."""
+    d = RollDedup([], 50)
+    every = []
+    for start in range(0, 2000, 40):
+        batch = pa.record_batch({"identifier_type": ["T"] * 40, "identifier": [f"i{k}" for k in range(start, start + 40)],
+                                 "ts": [1] * 40, "session_id": ["s"] * 40})
+        every.append(row_hashes(batch))
+        d(batch)
+        assert sum(len(k) for k in d.kept) <= 2 * 50 + 40
+    assert np.array_equal(d.kept_hashes(), np.sort(np.concatenate(every)[-50:]))
+    assert d.dropped == 0
+
+
 def roll_rows(root: Path, dest: Path, n: int, start: int, minute: int) -> int:
     """Stage rows start..start+n-1 as their own segment and roll them `minute` minutes after NOW: rows published."""
     props = props_for(dest)

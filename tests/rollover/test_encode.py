@@ -205,6 +205,15 @@ def test_files_start_no_thread_of_their_own(tmp_path: Path) -> None:
         encode_batches(batches_of(make_rows(300)), spec("parquet", "zstd"), CONSTANTS, out)
 
     encode(0)
+    # the deflate pool starts its threads as blocks come: make sure both exist, whatever ran before
+    from pipeline import gzip_blocks
+    from pipeline.encode import GZIP_THREADS
+
+    everyone = threading.Barrier(GZIP_THREADS + 1)
+    waits = [gzip_blocks._deflate_pool(GZIP_THREADS).submit(everyone.wait, 30) for _ in range(GZIP_THREADS)]
+    everyone.wait(30)
+    for w in waits:
+        w.result(30)
     started = threading.Thread.start
     count = []
 

@@ -69,7 +69,11 @@ def test_any_writes_give_a_valid_stream_that_depends_on_them_only(case: str) -> 
 
 
 def test_threads_are_started_once_and_shared_by_every_stream() -> None:
-    block_stream([CSV], 1)
+    everyone = threading.Barrier(3)  # the pool starts its two threads as blocks come: both, now
+    waits = [gzip_blocks._deflate_pool(2).submit(everyone.wait, 30) for _ in range(2)]
+    everyone.wait(30)
+    for w in waits:
+        w.result(30)
     before = {t.ident for t in threading.enumerate() if t.name.startswith("filefeed-deflate")}
     streams = [BlockGzipWriter(io.BytesIO(), level=1, threads=2, block_size=BLOCK) for _ in range(5)]
     for gz in streams:

@@ -121,13 +121,8 @@ class _DurableBatchEndpoint:
 
 
 def create_durable_app():  # type: ignore[no-untyped-def]
-    from bench.bare_app import create_raw_app
+    from bench.bare_app import create_direct_app
 
-    app = create_raw_app()
-
-    class _State:
-        plugin = None
-
+    app = create_direct_app()  # the raw app on filefeed's direct serving path, with this endpoint instead
     app.direct_routes = {b"/v1/batch_update": _DurableBatchEndpoint()}  # type: ignore[attr-defined]
-    app.state = _State()  # type: ignore[attr-defined]
     return app

@@ -147,6 +147,15 @@ def _work_for(work: dict[Partition, _PartitionWork], feed_id: str, segment_id: A
     return w
 
 
+def _known_ref(refs: dict[str, str | None], ref: str) -> str | None:
+    """`ref` when it is a well-formed segment name, else None; remembered in `refs` for the batch's other items."""
+    try:
+        return refs[ref]
+    except KeyError:
+        known = refs[ref] = ref if _REF.fullmatch(ref) else None
+        return known
+
+
 def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partition, _PartitionWork], int]:
     """Batch items -> rows grouped by partition (with their refs), and the number of items that cannot be rows.
 
@@ -209,13 +218,8 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
                     invalid += 1
                     continue
                 ref = it.ref
-                if ref is not None:
-                    if ref in refs:
-                        ref = refs[ref]
-                    else:
-                        ref = refs[ref] = ref if _REF.fullmatch(ref) else None
-                    if ref is not None:
-                        w.refs[ref] += 1
+                if ref is not None and (ref := _known_ref(refs, ref)) is not None:
+                    w.refs[ref] += 1
                 w.rows.append((f"{id_type}\t{ident}\t{ts}\t{session_id}\t{datamart_id}\t{user_point_id}\n", ref))
                 continue
         fields = _general_fields(raw)
@@ -253,15 +257,8 @@ def parse_items(context: dict[str, Any], items: list[Any]) -> tuple[dict[Partiti
                 or (check and forbidden(id_type + ident + session_id + datamart_id + user_point_id))):
             invalid += 1
             continue
-        if ref is not None:
-            if type(ref) is not str:
-                ref = None
-            elif ref in refs:
-                ref = refs[ref]
-            else:
-                ref = refs[ref] = ref if _REF.fullmatch(ref) else None
-            if ref is not None:
-                w.refs[ref] += 1
+        if ref is not None and (ref := _known_ref(refs, ref) if type(ref) is str else None) is not None:
+            w.refs[ref] += 1
         w.rows.append((f"{id_type}\t{ident}\t{ts}\t{session_id}\t{datamart_id}\t{user_point_id}\n", ref))
     return {p: w for p, w in work.items() if w.rows}, invalid
 

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import threading
+import time
 
 import pytest
 from isal import igzip_threaded
@@ -119,3 +120,23 @@ def test_a_failed_block_fails_the_stream(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(MemoryError, match="no room"):
         gz.write(CSV)
         gz.close()
+
+
+def test_a_forked_child_gets_deflate_threads_of_its_own() -> None:
+    """Threads do not survive a fork: a child using the parent's pool would wait forever for its blocks."""
+    block_stream([CSV], 1)  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only when its stream is right
+        code = 1
+        try:
+            code = 0 if gzip.decompress(block_stream([CSV], 1)) == CSV else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's stream never finished")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

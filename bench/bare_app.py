@@ -12,7 +12,9 @@
 - `create_direct_app`: the same endpoint answered straight from the HTTP protocol's parser callbacks, the way
   filefeed's hot routes are served (filefeed/hotpath.py `DirectRoutesProtocol`).
 - `create_direct_durable_app`: `create_direct_app` plus the group commit of `create_durable_app`: the ceiling of any
-  durable endpoint on filefeed's serving path and this disk (`--ceiling`).
+  durable endpoint on filefeed's serving path and this disk (`--ceiling`). With `BENCH_ROOM_BYTES=N` its file is
+  pre-written once at start (N zero bytes, fsynced) and the commits overwrite it in place: no commit changes the
+  file's size or extents, so its fsync writes the data alone (`durable-room` of `--ceiling`).
 - `rsgi_app`: the same endpoint on granian's RSGI interface (HTTP parsing and writing in Rust), for
   `bench/ingest.py --peer node-sdk --ceiling`: what a change of server could reach at most.
 """
@@ -60,7 +62,15 @@ class _GroupCommit:
         folder = os.environ.get("BENCH_DURABLE_DIR") or tempfile.gettempdir()
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, f"durable-baseline-{os.getpid()}.bin")
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        room = int(os.environ.get("BENCH_ROOM_BYTES") or 0)
+        # no O_APPEND: a pre-written file is written from its start, in place (past its room the file grows)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        zeros = memoryview(bytes(min(room, 1 << 20)))
+        for start in range(0, room, len(zeros) or 1):
+            os.write(self.fd, zeros[: room - start])
+        if room:
+            os.fsync(self.fd)
+            os.lseek(self.fd, 0, os.SEEK_SET)
         self.pending: list[asyncio.Future[None]] = []
         from pipeline.staging.writer import INLINE_MAX_HOPS  # here, so the plain baseline never loads pyarrow
 

@@ -19,8 +19,9 @@ its ratio to the 1-feed (first N) figure. `--repo` runs the server from another 
 callable on filefeed's own server, answered straight from the protocol as filefeed's hot routes are (`direct`), and on
 granian's RSGI interface (bench/bare_app.py): nothing durable, no framework, so their ratio to the peer is the most
 any endpoint on that serving path could reach on this machine under this load. And the same direct endpoint answering
-after a group-committed write + fsync (`direct-durable`; `durable-thread`: the write + fsync pipelined on a thread, the
-loop never blocked): the most any endpoint that makes each request durable before its answer could reach here.
+after a group-committed write + fsync (`direct-durable`; `durable-room`: the same into a file pre-written once, so no
+commit grows it; `durable-thread`: the write + fsync pipelined on a thread, the loop never blocked): the most any
+endpoint that makes each request durable before its answer could reach here.
 """
 
 from __future__ import annotations
@@ -289,7 +290,8 @@ def filefeed_and_peer(name: str, env: dict[str, str], workers: int, tmp: Path, f
         gateway.close()
 
 
-CEILINGS = ("raw-asgi", "direct", "direct-durable", "durable-thread", "rsgi")
+CEILINGS = ("raw-asgi", "direct", "direct-durable", "durable-room", "durable-thread", "rsgi")
+ROOM_BYTES = 256 * 1024 * 1024  # durable-room's file per worker, pre-written at its first request: > 2 rounds
 
 
 @contextlib.contextmanager
@@ -305,6 +307,7 @@ def ceilings(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> Iterat
                        "127.0.0.1", "--workers", str(args.workers), "--port"]
                 for name, factory in (("raw-asgi", "create_raw_app"), ("direct", "create_direct_app"),
                                       ("direct-durable", "create_direct_durable_app"),
+                                      ("durable-room", "create_direct_durable_app"),
                                       ("durable-thread", "create_direct_durable_app"))}
     if importlib.util.find_spec("granian") is not None:
         # single-threaded runtime: measured faster than the default on 2 cores (the Python thread is the bottleneck)
@@ -315,8 +318,11 @@ def ceilings(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> Iterat
     try:
         for name, cmd in commands.items():
             port = free_port()
+            extra_env = {"durable-thread": {"BENCH_FSYNC_THREAD": "1"},
+                         "durable-room": {"BENCH_ROOM_BYTES": str(ROOM_BYTES),
+                                          "BENCH_DURABLE_DIR": str(tmp / "durable-room")}}.get(name, {})
             proc = subprocess.Popen([*cmd, str(port), *(["bench.bare_app:rsgi_app"] if name == "rsgi" else [])],
-                                    env={**env, "BENCH_FSYNC_THREAD": "1"} if name == "durable-thread" else env,
+                                    env={**env, **extra_env},
                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
             procs[name] = (proc, f"http://127.0.0.1:{port}")
             wait_ready(procs[name][1], proc)
@@ -374,6 +380,7 @@ def peer_main(args: argparse.Namespace) -> None:
           f"{ratio:.2f}  (target >= 4.0: {'ok' if ratio >= 4.0 else 'NOT MET'})")
     for name in [n for n in procs if n in CEILINGS]:
         what = {"direct-durable": "parse the body, group-committed write + fsync, answer a constant",
+                "durable-room": "the same into a file pre-written once at start, overwritten in place",
                 "durable-thread": "the same, the write + fsync pipelined on a thread of their own"}.get(
                     name, "parse the body, answer a constant, nothing durable")
         print(f"  ceiling   {name} ({what}) {total[name]:,.0f} req/s: "

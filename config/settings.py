@@ -59,6 +59,9 @@ class ServiceSettings(BaseSettings):
     # staging
     seal_after_seconds: float = Field(default=1.0, gt=0, le=300)
     max_segment_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    journal_room_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=0, description="at most this much of a writer's next journal is pre-written "
+        "(zeros, fsynced) by its splitter, so commits overwrite instead of growing the file (0 = off)")
     dedup_window: int = Field(default=200_000, ge=0)
     dedup_seconds: float = Field(default=600.0, ge=0, description="rolls drop rows published this recently (0 = off)")
     dedup_max_rows: int = Field(default=1_000_000, ge=1, description="row hashes kept per partition for that")

@@ -51,6 +51,7 @@ class Plugin:
             settings.staging_dir,
             seal_after_seconds=settings.seal_after_seconds,
             max_segment_bytes=settings.max_segment_bytes,
+            journal_room_bytes=settings.journal_room_bytes,
             dedup_window=settings.dedup_window,
             min_free_bytes=settings.min_free_bytes,
             max_staged_bytes=settings.max_staged_bytes,

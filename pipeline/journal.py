@@ -279,6 +279,7 @@ class JournalScan:
     frames: dict[Partition, list[Frame]] = field(default_factory=dict)
     bad: list[tuple[int, int, str]] = field(default_factory=list)
     good_end: int = 0  # end of the last valid record
+    room: int = 0  # zero bytes after the last record: pre-written room never written to (not damage)
 
     @property
     def valid(self) -> bool:
@@ -300,8 +301,19 @@ class JournalScan:
         return round(lost / avg) if lost else 0
 
 
+def _zero_from(buf: bytes | bytearray | memoryview, pos: int) -> bool:
+    """Whether every byte from `pos` to the end is zero."""
+    data = buf if isinstance(buf, bytes | bytearray) else bytes(buf[pos:])
+    start = pos if data is buf else 0
+    return data.count(b"\0", start) == len(data) - start
+
+
 def scan_journal(buf: bytes | bytearray | memoryview) -> JournalScan:
-    """Scan a whole writer journal, resynchronising after damage on the next valid record."""
+    """Scan a whole writer journal, resynchronising after damage on the next valid record.
+
+    Zero bytes from a record's start to the end are the journal's pre-written room, not damage: a commit writes into
+    it and fsyncs, so acknowledged bytes never follow unwritten room (zeros followed by records are damage, as any
+    other bytes that are no record)."""
     size = len(buf)
     scan = JournalScan(size)
     pos = 0
@@ -312,6 +324,9 @@ def scan_journal(buf: bytes | bytearray | memoryview) -> JournalScan:
             scan.frames.setdefault(partition, []).append(frame)
             pos = scan.good_end = frame.end
             continue
+        if buf[pos] == 0 and _zero_from(buf, pos):
+            scan.room = size - pos  # the journal's pre-written room (pipeline.staging.commit): nothing was written here
+            break
         nxt = pos + 1
         while True:
             cand = buf.find(b"@", nxt, size)  # type: ignore[union-attr]

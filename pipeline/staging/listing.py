@@ -65,27 +65,44 @@ class JournalIndex:
             return {name: c.parts for name, c in seen.items()}
 
 
+# The index reads a journal this much at a time: a pre-written journal's room (zeros) is never read whole.
+INDEX_READ_BYTES = 1024 * 1024
+
+
 def _index_more(path: Path, c: _Indexed, size: int) -> None:
+    """Index the records of `path` after `c.offset`, up to `size`; stops at a record being written or at the room."""
     with open(path, "rb", buffering=0) as f:
-        data = read_fd(f.fileno(), size, c.offset)
-    base = c.offset
+        want = INDEX_READ_BYTES
+        while c.offset < size:
+            data = read_fd(f.fileno(), min(size, c.offset + want), c.offset)
+            pos, cut = _index_records(data, c)
+            c.offset += pos
+            if pos == len(data) and data:
+                continue  # whole records to the end of what was read: read on
+            if not cut or c.offset + len(data) - pos >= size:
+                return  # the room, or the end of the file: a commit being written
+            want = max(want, 2 * (len(data) - pos))  # a record longer than what was read: read it whole
+
+
+def _index_records(data: bytes, c: _Indexed) -> tuple[int, bool]:
+    """(bytes of whole records at the start of `data`, whether the next one is cut short by the end of `data`)."""
     pos, end = 0, len(data)
     while pos < end:
         tag = parse_tag(data, pos, min(end, pos + MAX_TAG_BYTES))
         if tag is None:
-            break
+            return pos, end - pos < MAX_TAG_BYTES and data[pos] != 0
         h = parse_header(data, pos + tag[1], min(end, pos + tag[1] + MAX_HEADER_BYTES))
         if h is None:
-            break
+            return pos, end - pos - tag[1] < MAX_HEADER_BYTES
         _, plen, rows, ts, hlen = h
         stop = pos + tag[1] + hlen + plen
         if stop > end:
-            break  # a commit being written
+            return pos, True
         t = c.parts.setdefault(tag[0], [0, 0, ts])
         t[0] += rows
         t[1] += hlen + plen
         pos = stop
-    c.offset = base + pos
+    return pos, False
 
 
 def partitions(root: Path, index: JournalIndex) -> list[Partition]:

@@ -25,11 +25,13 @@ from pipeline.journal import JournalScan, scan_journal
 from pipeline.layout import SEALED, partition_dir, roll_folder_holding
 from pipeline.ledger import consumed_segments
 from pipeline.model import Partition
+from pipeline.staging.commit import prepare_spare
 from pipeline.staging.quarantine import keep_aside, make_dirs
 from pipeline.staging.reading import read_fd
 
 log = logging.getLogger("filefeed.staging")
 SPLIT_RETRY_SECONDS = 1.0
+ROOM_MIN_BYTES = 256 * 1024  # a pre-written journal holds at least this much room
 # Test hook (as in pipeline/rollover.py): `split_rename:N` (1-based) or `split_done` kills the process there.
 _CRASH_AT = os.environ.get("FILEFEED_CRASH_AT", "")
 
@@ -172,10 +174,11 @@ class Splitter:
     """The writer's thread that splits its sealed journals in order. At most `max_pending` wait (each holds a
     descriptor): the writer refuses appends beyond that rather than open more files."""
 
-    def __init__(self, root: Path, writer_id: str, max_pending: int):
+    def __init__(self, root: Path, writer_id: str, max_pending: int, room_bytes: int = 0):
         self.root = root
         self.writer_id = writer_id
         self.max_pending = max_pending
+        self.room_bytes = room_bytes  # the most of the writer's next journal pre-written after a split (0 = none)
         self.splits = 0
         self.split_seconds = 0.0
         self._queue: deque[SealedJournal] = deque()
@@ -221,6 +224,17 @@ class Splitter:
                 self._queue.popleft()
             os.close(journal.fd)
             journal.future.set_result(None)
+            self._prepare_spare(journal.size)
+
+    def _prepare_spare(self, used: int) -> None:
+        """The writer's next journal, pre-written: twice what the last one held (at least ROOM_MIN_BYTES)."""
+        if self.room_bytes <= 0 or self._queue:  # splits come first
+            return
+        size = min(self.room_bytes, max(ROOM_MIN_BYTES, 1 << max(0, 2 * used - 1).bit_length()))
+        try:
+            prepare_spare(self.root, self.writer_id, size)
+        except OSError as e:  # a full volume: the next journal grows as it is written, as without room
+            log.warning("could not pre-write the next journal of %s (%s)", self.writer_id, e.strerror or e)
 
     def _drop_all(self) -> None:
         """Release what is left to recovery (closing the fds drops the flocks). Called under _cond."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import secrets
@@ -21,7 +22,7 @@ from pipeline.journal import SegmentScan, encode_lines
 from pipeline.layout import OPEN, SUFFIX, WRITER_ID_RE, Row, journal_dir, partition_dir, quarantine_dir, writer_of
 from pipeline.model import Partition
 from pipeline.staging import listing, recovery
-from pipeline.staging.commit import Entry, GroupCommit, OpenJournal, open_journal, resolve, resolve_async
+from pipeline.staging.commit import Entry, GroupCommit, OpenJournal, open_journal, resolve, resolve_async, spare_path
 from pipeline.staging.dedup import DedupWindow
 from pipeline.staging.pressure import Backpressure
 from pipeline.staging.results import (
@@ -70,6 +71,8 @@ class Staging(GroupCommit, SealWaits):
         writer_id: unique per process start; default `w<pid>-<6 hex>`.
         seal_after_seconds: the open journal is sealed (and split) this long after its first write.
         max_segment_bytes: the open journal is sealed once it reaches this size.
+        journal_room_bytes: the most the splitter pre-writes of the next journal (twice the last one's size, at least
+            256 KiB, at most this and max_segment_bytes; 0 = off): commits into written room fsync faster.
         dedup_window: how many recent row keys this writer remembers to drop retried rows (0 = off).
         min_free_bytes: refuse appends (StagingFull) when the volume has less free space.
         max_staged_bytes: refuse appends when journals + sealed segments of all writers hold more.
@@ -88,6 +91,7 @@ class Staging(GroupCommit, SealWaits):
         writer_id: str | None = None,
         seal_after_seconds: float = 1.0,
         max_segment_bytes: int = 64 * MiB,
+        journal_room_bytes: int = 16 * MiB,
         dedup_window: int = 200_000,
         min_free_bytes: int = 256 * MiB,
         max_staged_bytes: int | None = None,
@@ -102,6 +106,7 @@ class Staging(GroupCommit, SealWaits):
             raise ValueError("max_open_files must be at least 3")
         self.seal_after_seconds = seal_after_seconds
         self.max_segment_bytes = max_segment_bytes
+        self.journal_room_bytes = max(0, min(journal_room_bytes, max_segment_bytes))
         self.max_open_files = max_open_files
         self.root.mkdir(parents=True, exist_ok=True)
         self._generation = _fork_generation
@@ -245,7 +250,8 @@ class Staging(GroupCommit, SealWaits):
             return self._journal
         splitter = self._splitter
         if splitter is None:
-            splitter = self._splitter = Splitter(self.root, self.writer_id, self.max_open_files - 2)
+            splitter = self._splitter = Splitter(self.root, self.writer_id, self.max_open_files - 2,
+                                                        self.journal_room_bytes)
         if len(splitter) >= splitter.max_pending:
             raise StagingFull(f"{len(splitter)} journals wait for their split (descriptor cap "
                               f"{self.max_open_files})", FILES_FULL_RETRY_MS)
@@ -376,6 +382,8 @@ class Staging(GroupCommit, SealWaits):
             self._committer.join()
         if self._splitter is not None:
             self._splitter.stop(CLOSE_SPLIT_SECONDS, join=same_process)
+            with contextlib.suppress(OSError):
+                os.unlink(spare_path(self.root, self.writer_id))  # nobody takes it now (else recovery removes it)
         self.backpressure.stop(join=same_process)
         self._closed = True
 

@@ -34,6 +34,23 @@ def test_concurrent_waiters_share_one_write_and_one_fsync(tmp_path: Path, monkey
     assert synced_sizes == [50 * 2 * ROW_BYTES]
 
 
+def test_a_pre_written_file_is_overwritten_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`durable-room`: the commits overwrite the zeros from the start; the file never grows within its room."""
+    monkeypatch.setenv("BENCH_DURABLE_DIR", str(tmp_path))
+    monkeypatch.setenv("BENCH_ROOM_BYTES", str(3 * 1024 * 1024 + 5))
+
+    async def main() -> Path:
+        group = _GroupCommit()
+        assert Path(group.path).stat().st_size == 3 * 1024 * 1024 + 5
+        for _ in range(2):
+            await asyncio.gather(*(group.wait() for _ in range(50)))
+        return Path(group.path)
+
+    data = asyncio.run(main()).read_bytes()
+    used = 2 * 50 * 2 * ROW_BYTES
+    assert len(data) == 3 * 1024 * 1024 + 5 and data[:used] == b"x" * used and set(data[used:]) == {0}
+
+
 def test_the_durable_endpoint_answers_like_the_bare_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BENCH_DURABLE_DIR", str(tmp_path))
 

@@ -11,6 +11,7 @@ before its fsync; a failed write is cut back to the last acknowledged byte.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -114,24 +115,25 @@ def prepare_spare(root: Path, writer_id: str, size: int) -> bool:
     if size <= 0 or spare.exists():
         return False
     tmp = spare.with_name(f".{writer_id}-spare-next{SUFFIX}.new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        zeros = memoryview(bytes(min(size, MiB)))
-        done = 0
-        while done < size:
-            n = min(len(zeros), size - done)
-            write_all(fd, zeros[:n])
-            done += n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            zeros = memoryview(bytes(min(size, MiB)))
+            done = 0
+            while done < size:
+                n = min(len(zeros), size - done)
+                write_all(fd, zeros[:n])
+                done += n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.link(tmp, spare)
         return True
     except FileExistsError:
         return False
-    finally:
-        os.unlink(tmp)
+    finally:  # a spare that could not be written whole (a full volume) gives its space back at once
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _take_spare(root: Path, writer_id: str, tmp: Path) -> int | None:

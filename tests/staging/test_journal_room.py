@@ -77,6 +77,23 @@ def test_room_is_sized_on_the_last_journal_within_the_setting(make_staging, tmp_
     assert not [n for n in os.listdir(off.root / "journal" / "open") if "spare" in n]
 
 
+def test_a_spare_that_cannot_be_written_leaves_nothing_behind(make_staging, monkeypatch: pytest.MonkeyPatch) -> None:
+    staging = make_staging()
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        if stat.S_ISREG(os.fstat(fd).st_mode) and set(bytes(data[:64])) == {0}:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    staging.append_sync(P, rows(0, 2))
+    staging.seal_all()
+    staging.close()  # joins the splitter: its attempt at a spare is over
+    assert os.listdir(staging.root / "journal" / "open") == []  # no half-written spare holds the space
+    assert read_all(staging.sealed_segments(P)) == rows(0, 2)
+
+
 def test_a_failed_write_into_the_room_is_cut_back_and_the_next_commit_follows_the_acknowledged_bytes(
     make_staging, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -85,3 +86,17 @@ def hold_first_fsync(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], thread
 
     monkeypatch.setattr(os, "fsync", fsync)
     return file_syncs, entered, gate
+
+
+def fill_the_volume_mid_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on a write to a regular file writes half its bytes, then the volume is full (ENOSPC)."""
+    real_write = os.write
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            if len(data) > 1:
+                return real_write(fd, memoryview(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_then_full)

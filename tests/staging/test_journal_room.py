@@ -19,7 +19,7 @@ from pipeline.staging import Staging
 from pipeline.staging.commit import spare_path
 from pipeline.staging.recovery import recover
 from pipeline.staging.results import StagingFull
-from tests.staging.helpers import P2, P, journal_rows, read_all, rows
+from tests.staging.helpers import P2, P, fill_the_volume_mid_write, journal_rows, read_all, rows
 
 
 def _spare_ready(staging: Staging, timeout: float = 10.0) -> Path:
@@ -100,16 +100,7 @@ def test_a_failed_write_into_the_room_is_cut_back_and_the_next_commit_follows_th
     staging = make_staging()
     path = _room_journal(staging)
     acknowledged = staging._journal.size
-    real_write = os.write
-
-    def short_then_full(fd: int, data: bytes) -> int:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            if len(data) > 1:
-                return real_write(fd, memoryview(data)[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", short_then_full)
+    fill_the_volume_mid_write(monkeypatch)
     with pytest.raises(StagingFull, match="no space"):
         staging.append_sync(P, rows(3, 50))
     monkeypatch.undo()

@@ -13,7 +13,7 @@ import pytest
 import pipeline.staging.pressure as staging_module
 from pipeline.staging import StagingFull
 from tests.conftest import wait_for
-from tests.staging.helpers import P, journal_scan, read_all, rows
+from tests.staging.helpers import P, fill_the_volume_mid_write, journal_scan, read_all, rows
 
 
 def test_refused_when_free_disk_is_under_the_minimum(make_staging) -> None:
@@ -60,16 +60,7 @@ def test_enospc_mid_write_cuts_the_frame_back_and_reports_staging_full(
     first = staging.append_sync(P, rows(0, 3))
     path = staging.segment_path(P, first.segment, "open")
     size_before = path.stat().st_size
-    real_write = os.write
-
-    def short_then_full(fd: int, data: bytes) -> int:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            if len(data) > 1:
-                return real_write(fd, memoryview(data)[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(os, "write", short_then_full)
+    fill_the_volume_mid_write(monkeypatch)
     with pytest.raises(StagingFull, match="no space"):
         staging.append_sync(P, rows(3, 50))
     assert path.stat().st_size == size_before

@@ -65,10 +65,10 @@ class _GroupCommit:
         room = int(os.environ.get("BENCH_ROOM_BYTES") or 0)
         # no O_APPEND: a pre-written file is written from its start, in place (past its room the file grows)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        zeros = memoryview(bytes(min(room, 1 << 20)))
-        for start in range(0, room, len(zeros) or 1):
-            os.write(self.fd, zeros[: room - start])
         if room:
+            from pipeline.durable import write_zeros
+
+            write_zeros(self.fd, room)
             os.fsync(self.fd)
             os.lseek(self.fd, 0, os.SEEK_SET)
         self.pending: list[asyncio.Future[None]] = []

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from pipeline.durable import fsync_dir, write_all
+from pipeline.durable import fsync_dir, write_all, write_zeros
 from pipeline.journal import encode_frame, encode_tag
 from pipeline.layout import SEALED, SUFFIX, Row, journal_dir, partition_dir, segment_name
 from pipeline.model import Partition
@@ -118,12 +118,7 @@ def prepare_spare(root: Path, writer_id: str, size: int) -> bool:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            zeros = memoryview(bytes(min(size, MiB)))
-            done = 0
-            while done < size:
-                n = min(len(zeros), size - done)
-                write_all(fd, zeros[:n])
-                done += n
+            write_zeros(fd, size)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -21,7 +21,10 @@ granian's RSGI interface (bench/bare_app.py): nothing durable, no framework, so 
 any endpoint on that serving path could reach on this machine under this load. And the same direct endpoint answering
 after a group-committed write + fsync (`direct-durable`; `durable-room`: the same into a file pre-written once, so no
 commit grows it; `durable-thread`: the write + fsync pipelined on a thread, the loop never blocked): the most any
-endpoint that makes each request durable before its answer could reach here.
+endpoint that makes each request durable before its answer could reach here. Every run prints wrk's own CPU per
+request beside the server's, the budget 4.0x the peer leaves a server on this machine (the cores' CPU per request at
+that rate, less wrk's), and how many cores each server's run kept busy with wrk (below the count: the loop waited in
+fsync while the cores were free).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -116,7 +120,11 @@ _RUNS = iter(range(1, 1 << 16))
 
 
 def run_wrk(url: str, seconds: int, connections: int, threads: int, script: Path, *extra: str) -> dict[str, float]:
-    """One wrk run; every run sends identifiers no other run sent (the run number is in each of them)."""
+    """One wrk run; every run sends identifiers no other run sent (the run number is in each of them).
+
+    `client_cpu_us`: wrk's own CPU per request (its rusage as a waited-for child), which the server shares cores with.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency",
                           "-s", str(script), url, "--", str(next(_RUNS)), *extra], capture_output=True, text=True,
                          check=True).stdout
@@ -124,9 +132,11 @@ def run_wrk(url: str, seconds: int, connections: int, threads: int, script: Path
                   r"duration_us=(\d+)", out)
     if not m:
         raise SystemExit(f"wrk output not understood:\n{out}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     req, errors, status_errors, p50, p99, dur = map(int, m.groups())
+    client = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return {"requests": req, "errors": errors, "status_errors": status_errors, "rps": req / (dur / 1e6),
-            "p50_ms": p50 / 1000, "p99_ms": p99 / 1000}
+            "p50_ms": p50 / 1000, "p99_ms": p99 / 1000, "client_cpu_us": client / max(1, req) * 1e6}
 
 
 def staged_rows(staging: Path) -> int:
@@ -371,7 +381,8 @@ def peer_main(args: argparse.Namespace) -> None:
     for i, rnd in enumerate(rounds, 1):
         for name, r in rnd.items():
             print(f"  round {i} {name:9s} {r['rps']:9,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
-                  f"  server CPU {r['cpu_us']:5.0f} us/req  errors {r['errors'] + r['status_errors']}")
+                  f"  server CPU {r['cpu_us']:5.0f} us/req  wrk CPU {r['client_cpu_us']:4.0f} us/req  "
+                  f"errors {r['errors'] + r['status_errors']}")
         print(f"  round {i} ratio to {args.peer}: " + ", ".join(
             f"{n} {rnd[n]['rps'] / rnd[args.peer]['rps']:.2f}" for n in rnd if n != args.peer))
     total = {n: sum(r[n]["requests"] for r in rounds) / (args.seconds * len(rounds)) for n in procs}
@@ -386,10 +397,27 @@ def peer_main(args: argparse.Namespace) -> None:
         print(f"  ceiling   {name} ({what}) {total[name]:,.0f} req/s: "
               f"{total[name] / total[args.peer]:.2f}x {args.peer}; filefeed reaches {total['filefeed'] / total[name]:.2f}"
               " of it")
+    print_budget(rounds, total, args.peer)
     print("  RSS at the end: " + ", ".join(f"{n} {v:.0f} MB" for n, v in rss.items()))
     check_staged(tmp / "staging", acknowledged, args.connections * sent_runs, "filefeed")
     print(f"after: {load_average()}")
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_budget(rounds: list[dict[str, dict[str, float]]], total: dict[str, float], peer_name: str) -> None:
+    """What 4.0x the peer leaves each request on this machine: wrk and the server share its cores, so at that rate
+    the server may spend the cores' CPU per request less wrk's own (measured against filefeed)."""
+    cores = os.cpu_count() or 1
+    target = 4.0 * total[peer_name]
+    budget = cores * 1e6 / target
+    wrk = sum(rnd["filefeed"]["client_cpu_us"] for rnd in rounds) / len(rounds)
+    spent = {n: sum(rnd[n]["cpu_us"] for rnd in rounds) / len(rounds) for n in rounds[0]}
+    busy = {n: sum(rnd[n]["rps"] * (rnd[n]["cpu_us"] + rnd[n]["client_cpu_us"]) for rnd in rounds) / len(rounds) / 1e6
+            for n in rounds[0]}
+    print(f"  budget    4.0x is {target:,.0f} req/s: {budget:.0f} us of CPU per request on {cores} cores; wrk takes "
+          f"{wrk:.0f}, which leaves the server {budget - wrk:.0f} us. Server CPU per request: "
+          + ", ".join(f"{n} {v:.0f} us" for n, v in spent.items()))
+    print("  cores     busy with server + wrk (of " + f"{cores}): " + ", ".join(f"{n} {v:.2f}" for n, v in busy.items()))
 
 
 def main() -> None:

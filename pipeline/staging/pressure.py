@@ -41,6 +41,7 @@ class Backpressure:
         self.max_staged_bytes = max_staged_bytes
         self._disk_free = 0
         self._disk_checked = -1e9
+        self._appended_at_disk = 0  # appended_total when _disk_free was read
         self._staged_scanned = 0
         # Two counters, each written by one thread only (committer / housekeeping): no lock, no lost update.
         self.appended_total = 0
@@ -52,11 +53,19 @@ class Backpressure:
             self._thread = threading.Thread(target=self._run, name="staging-housekeeping", daemon=True)
             self._thread.start()
 
-    def check(self) -> tuple[str, int] | None:
-        """(why, retry ms) when appends must be refused now, else None. Cheap: no directory scan."""
+    def check(self, unsplit: int = 0) -> tuple[str, int] | None:
+        """(why, retry ms) when appends must be refused now, else None. Cheap: no directory scan.
+
+        `unsplit`: the bytes this writer's splits will copy once the append is made (its open journal, the journals
+        waiting for their split, what is queued, the append itself). A split copies a journal's rows before removing
+        it, so an append is refused while the free space, less what this writer appended since statvfs was read,
+        would not hold them: every acknowledged row can then be split and rolled without the operator freeing space,
+        whatever FILEFEED_MIN_FREE_BYTES says (0 included).
+        """
         now = time.monotonic()
         if now - self._disk_checked >= DISK_CHECK_SECONDS:
             self._disk_checked = now
+            self._appended_at_disk = self.appended_total
             try:
                 st = os.statvfs(self.root)
                 self._disk_free = st.f_bavail * st.f_frsize
@@ -67,6 +76,15 @@ class Backpressure:
                 f"free disk space {self._disk_free} bytes is under the {self.min_free_bytes} bytes minimum",
                 DISK_FULL_RETRY_MS,
             )
+        if unsplit:
+            free = self._disk_free - (self.appended_total - self._appended_at_disk)
+            if free < unsplit:
+                self._disk_checked = -1e9  # near the end of the space: read it again on the next append
+                return (
+                    f"free disk space {max(0, free)} bytes would not hold the split of the {unsplit} bytes this "
+                    "worker holds unsplit; appends resume as splits and rolls free space",
+                    DISK_FULL_RETRY_MS,
+                )
         if self.max_staged_bytes is not None:
             staged = self.staged_bytes()
             if staged > self.max_staged_bytes:

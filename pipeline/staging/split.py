@@ -181,6 +181,7 @@ class Splitter:
         self.room_bytes = room_bytes  # the most of the writer's next journal pre-written after a split (0 = none)
         self.splits = 0
         self.split_seconds = 0.0
+        self.pending_bytes = 0  # the journals' sizes in the queue: what their splits will copy (under _cond)
         self._queue: deque[SealedJournal] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._stopping = False
@@ -194,6 +195,7 @@ class Splitter:
     def submit(self, journal: SealedJournal) -> concurrent.futures.Future[None]:
         with self._cond:
             self._queue.append(journal)
+            self.pending_bytes += journal.size
             self._cond.notify()
         return journal.future
 
@@ -222,6 +224,7 @@ class Splitter:
                 continue
             with self._cond:
                 self._queue.popleft()
+                self.pending_bytes -= journal.size
             os.close(journal.fd)
             journal.future.set_result(None)
             self._prepare_spare(journal.size)
@@ -240,6 +243,7 @@ class Splitter:
         """Release what is left to recovery (closing the fds drops the flocks). Called under _cond."""
         while self._queue:
             journal = self._queue.popleft()
+            self.pending_bytes -= journal.size
             os.close(journal.fd)
             journal.future.set_exception(RuntimeError(f"{journal.path} left to recovery"))
 

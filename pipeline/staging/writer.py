@@ -123,6 +123,9 @@ class Staging(GroupCommit, SealWaits):
         self.inline_commit = inline_commit
         self._io_lock = threading.Lock()  # the journal: the committer thread and inline commits
         self._inline_pending: list[Entry] = []
+        # payload bytes queued and not yet committed (inline: loop thread only; thread mode: under _cond)
+        self._inline_pending_bytes = 0
+        self._pending_bytes = 0
         self._journal_created = False  # by the current inline commit (under _io_lock)
 
         # Committing state (under _io_lock).
@@ -179,10 +182,13 @@ class Staging(GroupCommit, SealWaits):
         if not self.inline_commit:
             return self._entry(partition, rows, loop).future  # type: ignore[return-value]
         self._check_usable()
-        full = self.backpressure.check()
+        encoded = encode_lines(rows)
+        size = len(encoded[1])
+        full = self.backpressure.check(self._unsplit(self._inline_pending_bytes + size))
         if full is not None:
             raise StagingFull(*full)
-        entry = Entry(partition, rows, encode_lines(rows), loop, loop.create_future())
+        entry = Entry(partition, rows, encoded, loop, loop.create_future())
+        self._inline_pending_bytes += size
         pending = self._inline_pending
         pending.append(entry)
         if len(pending) == 1:  # the first append of this loop iteration schedules the commit
@@ -201,6 +207,7 @@ class Staging(GroupCommit, SealWaits):
             self._journal_created = False
             self._commit_guarded(entries)
             created = self._journal_created
+        self._inline_pending_bytes -= sum(len(e.payload) for e in entries)
         resolve_async(entries)
         if created:  # a new journal: the committer thread must time its seal (it may be waiting with no timeout)
             with self._cond:
@@ -216,18 +223,26 @@ class Staging(GroupCommit, SealWaits):
 
     def _entry(self, partition: Partition, rows: Sequence[Row], loop: asyncio.AbstractEventLoop | None) -> Entry:
         self._check_usable()
-        full = self.backpressure.check()
+        encoded = encode_lines(rows)  # bad rows fail here, in the caller, never inside a shared commit
+        full = self.backpressure.check(self._unsplit(self._pending_bytes + len(encoded[1])))
         if full is not None:
             raise StagingFull(*full)
-        encoded = encode_lines(rows)  # bad rows fail here, in the caller, never inside a shared commit
         entry = Entry(partition, rows, encoded, loop, loop.create_future() if loop is not None else None)
         with self._cond:
             if self._stopping:
                 raise StagingClosed("staging is closed")
+            self._pending_bytes += len(encoded[1])
             self._pending.append(entry)
             if len(self._pending) == 1:  # the committer only sleeps when nothing is pending
                 self._cond.notify()
         return entry
+
+    def _unsplit(self, queued: int) -> int:
+        """The bytes this writer's splits will copy once `queued` bytes more are committed: the open journal and the
+        sealed ones waiting for their split (Backpressure.check refuses appends the free space could not split)."""
+        journal, splitter = self._journal, self._splitter
+        return (queued + (journal.size if journal is not None else 0)
+                + (splitter.pending_bytes if splitter is not None else 0))
 
     def _check_usable(self) -> None:
         if self._closed or self._stopping:
@@ -310,6 +325,9 @@ class Staging(GroupCommit, SealWaits):
                     except BaseException as e:
                         fut.set_exception(e)
             if entries:
+                committed = sum(len(e.payload) for e in entries)
+                with self._cond:
+                    self._pending_bytes -= committed
                 resolve(entries)
             if stopping:
                 with self._cond:

@@ -2,9 +2,10 @@
 
 1. FILEFEED_MIN_FREE_BYTES = 3 MiB: ingest answers 429 `retry` with next_msg_delay_in_ms and the header before
    the volume is full; no 500; a flush frees the space and ingest recovers; every acknowledged row delivered once.
-2. FILEFEED_MIN_FREE_BYTES = 0: ingest runs into real ENOSPC: every answer is 200, 429 retry or a protocol-shaped
-   500; a kill -9 + restart recovers with no quarantined segment; flush frees space, ingest recovers, every
-   acknowledged row delivered once.
+2. FILEFEED_MIN_FREE_BYTES = 0: staging still refuses (429 retry) rows its splits could not copy, so everything it
+   acknowledged is delivered with no space freed; and once another tenant fills the volume, ingest runs into real
+   ENOSPC: every answer is 200, 429 retry or a protocol-shaped 500; a kill -9 + restart recovers with no quarantined
+   segment; the operator frees space, flush and ingest recover, every acknowledged row delivered once.
 """
 
 from __future__ import annotations
@@ -138,6 +139,17 @@ def test_min_free_bytes_backpressure(group, small_volume, tmp_path):
                                  "free_bytes_at_first_refusal": free_at_refusal, **got}
 
 
+def _fill_volume(path) -> None:
+    """Another tenant of the volume takes every byte left (zeros until ENOSPC)."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (64 * 1024))
+                f.flush()
+        except OSError:
+            pass
+
+
 def _enospc_server(group, small_volume, tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -148,7 +160,11 @@ def _enospc_server(group, small_volume, tmp_path):
     acked: set = set()
     answers: dict = {}
     with ff.client() as c:
+        # staging refuses rows its splits could not copy (test_room_to_split_what_was_acknowledged); then another
+        # tenant fills the volume and the commits themselves run into ENOSPC
         _fill(c, "enospc", acked, answers, until_non_ok=5)
+        _fill_volume(small_volume / "other-tenant")
+        _fill(c, "enospc-full", acked, answers, until_non_ok=5)
     assert _free(small_volume) < 256 * 1024, f"the volume should be full: {_free(small_volume)} bytes free"
     return ff, feeds, env, staging, dest, acked, answers
 
@@ -164,6 +180,7 @@ def test_real_enospc(group, small_volume, tmp_path):
     quarantined = list((staging / "quarantine").rglob("*.jnl")) if (staging / "quarantine").exists() else []
     assert not quarantined, f"segments quarantined after ENOSPC + kill -9: {quarantined}"
     ballast.unlink()
+    (small_volume / "other-tenant").unlink()
     with ff.client() as c:
         t0 = time.monotonic()
         _flush_and_recover(ff, c, acked, answers, dest)
@@ -186,3 +203,57 @@ def test_flush_frees_a_completely_full_staging_volume(group, small_volume, tmp_p
     assert flushed.returncode == 0, flushed.stdout
     with ff.client() as c:
         _flush_and_recover(ff, c, acked, answers, dest)
+
+
+def test_room_to_split_what_was_acknowledged(group, small_volume, tmp_path):
+    """A split copies a journal's rows before removing it: with no minimum free space, staging refuses rows (429
+    retry) while the free space could not hold that copy, so every acknowledged row is delivered without anyone
+    freeing space. Before, the journal grew until ENOSPC and its split never fitted: acknowledged rows stayed stuck."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    ff = group.start(feeds={"42": {"destination_uri": dest.as_uri(), "identifier_types": "USER_ACCOUNT"}},
+                     staging=small_volume / "staging", workers=1,
+                     env={"FILEFEED_MIN_FREE_BYTES": "0", "FILEFEED_SEAL_AFTER_SECONDS": "5"})
+    acked: set = set()
+    answers: dict = {}
+    messages: list[str] = []
+    with ff.client() as c:
+        _fill(c, "room", acked, answers, until_non_ok=3, messages=messages)
+    assert answers.get("error", 0) == 0 and answers["retry"] >= 3, answers
+    assert all("would not hold the split" in m for m in messages), messages[:3]
+    got = _deliver_and_check(group, ff, dest, acked)  # the server's close splits its journal; flush rolls it
+    FIGURES["room_to_split"] = {"answers": answers, "rows_checked": len(acked), **got}
+    record_summary("staging_disk_full", FIGURES)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "thread"])
+def test_staging_refuses_what_its_splits_could_not_copy(small_volume, inline):
+    """Both commit modes: with no minimum free space, appends are refused (StagingFull, retried later) once the free
+    space would not hold the split of the writer's journal; what was accepted is split at close with no space freed."""
+    import asyncio
+
+    from pipeline.staging import Staging, StagingFull
+    from tests.staging.helpers import P, read_all, row
+
+    staging = Staging(small_volume / "staging", min_free_bytes=0, seal_after_seconds=60.0, inline_commit=inline)
+    accepted = []
+
+    async def append(batch):
+        await staging.append(P, batch)
+
+    try:
+        with pytest.raises(StagingFull) as info:
+            for n in range(2000):
+                batch = [row(n * 500 + i, ident=f"{n}-{i}-" + "x" * 180) for i in range(500)]
+                if inline:
+                    asyncio.run(append(batch))
+                else:
+                    staging.append_sync(P, batch)
+                accepted.extend(batch)
+        assert "would not hold the split" in info.value.reason and info.value.retry_after_ms > 0
+        assert len(accepted) >= 5000  # it took rows until the space ran short, not from the start
+    finally:
+        staging.close()
+    sealed = sorted((small_volume / "staging" / "feeds").rglob("sealed/*.jnl"))
+    assert sorted(read_all(sealed)) == sorted(accepted)
+    assert not list((small_volume / "staging" / "journal").rglob("*.jnl"))  # split, nothing left behind

@@ -56,11 +56,11 @@ class Backpressure:
     def check(self, unsplit: int = 0) -> tuple[str, int] | None:
         """(why, retry ms) when appends must be refused now, else None. Cheap: no directory scan.
 
-        `unsplit`: the bytes this writer's splits will copy once the append is made (its open journal, the journals
-        waiting for their split, what is queued, the append itself). A split copies a journal's rows before removing
-        it, so an append is refused while the free space, less what this writer appended since statvfs was read,
-        would not hold them: every acknowledged row can then be split and rolled without the operator freeing space,
-        whatever FILEFEED_MIN_FREE_BYTES says (0 included).
+        `unsplit`: the free space this writer needs once the append is made: what is queued and the append itself,
+        then room for its largest split (Staging._unsplit). A split copies a journal's rows before removing it, so an
+        append is refused while the free space, less what this writer appended since statvfs was read, would not
+        hold that: every acknowledged row can then be split without the operator freeing space, whatever
+        FILEFEED_MIN_FREE_BYTES says (0 included).
         """
         now = time.monotonic()
         if now - self._disk_checked >= DISK_CHECK_SECONDS:
@@ -81,8 +81,8 @@ class Backpressure:
             if free < unsplit:
                 self._disk_checked = -1e9  # near the end of the space: read it again on the next append
                 return (
-                    f"free disk space {max(0, free)} bytes would not hold the split of the {unsplit} bytes this "
-                    "worker holds unsplit; appends resume as splits and rolls free space",
+                    f"free disk space {max(0, free)} bytes would not hold the split of what this worker holds "
+                    f"({unsplit} bytes needed); appends resume as splits and rolls free space",
                     DISK_FULL_RETRY_MS,
                 )
         if self.max_staged_bytes is not None:

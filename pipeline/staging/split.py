@@ -181,7 +181,7 @@ class Splitter:
         self.room_bytes = room_bytes  # the most of the writer's next journal pre-written after a split (0 = none)
         self.splits = 0
         self.split_seconds = 0.0
-        self.pending_bytes = 0  # the journals' sizes in the queue: what their splits will copy (under _cond)
+        self.pending_max = 0  # the largest journal in the queue: the most one split copies at once (under _cond)
         self._queue: deque[SealedJournal] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._stopping = False
@@ -195,7 +195,7 @@ class Splitter:
     def submit(self, journal: SealedJournal) -> concurrent.futures.Future[None]:
         with self._cond:
             self._queue.append(journal)
-            self.pending_bytes += journal.size
+            self.pending_max = max(self.pending_max, journal.size)
             self._cond.notify()
         return journal.future
 
@@ -224,7 +224,7 @@ class Splitter:
                 continue
             with self._cond:
                 self._queue.popleft()
-                self.pending_bytes -= journal.size
+                self.pending_max = max((j.size for j in self._queue), default=0)
             os.close(journal.fd)
             journal.future.set_result(None)
             self._prepare_spare(journal.size)
@@ -243,9 +243,9 @@ class Splitter:
         """Release what is left to recovery (closing the fds drops the flocks). Called under _cond."""
         while self._queue:
             journal = self._queue.popleft()
-            self.pending_bytes -= journal.size
             os.close(journal.fd)
             journal.future.set_exception(RuntimeError(f"{journal.path} left to recovery"))
+        self.pending_max = 0
 
     def stop(self, timeout: float, join: bool) -> None:
         """Finish the queue (bounded by `timeout`), then leave the rest to the next recovery."""

@@ -238,11 +238,12 @@ class Staging(GroupCommit, SealWaits):
         return entry
 
     def _unsplit(self, queued: int) -> int:
-        """The bytes this writer's splits will copy once `queued` bytes more are committed: the open journal and the
-        sealed ones waiting for their split (Backpressure.check refuses appends the free space could not split)."""
+        """The free space this writer needs once `queued` bytes more are committed: those bytes themselves, then room
+        for its largest split (splits run one at a time, each removing its journal once copied): the open journal
+        with them, or the largest sealed journal waiting. Backpressure.check refuses appends it does not have."""
         journal, splitter = self._journal, self._splitter
-        return (queued + (journal.size if journal is not None else 0)
-                + (splitter.pending_bytes if splitter is not None else 0))
+        open_size = queued + (journal.size if journal is not None else 0)
+        return queued + max(open_size, splitter.pending_max if splitter is not None else 0)
 
     def _check_usable(self) -> None:
         if self._closed or self._stopping:
@@ -252,7 +253,7 @@ class Staging(GroupCommit, SealWaits):
 
     def pressure(self) -> str | None:
         """Why appends are refused right now, or None. Cheap: statvfs at most once a second, no directory scan."""
-        full = self.backpressure.check()
+        full = self.backpressure.check(self._unsplit(0))
         return full[0] if full is not None else None
 
     def staged_bytes(self) -> int:

@@ -203,11 +203,11 @@ class Staging(GroupCommit, SealWaits):
             asyncio.get_running_loop().call_soon(self._commit_inline, n, hops + 1)
             return
         entries, self._inline_pending = self._inline_pending, []
+        self._inline_pending_bytes = 0  # all of them are in `entries`: nothing is submitted during this commit
         with self._io_lock:
             self._journal_created = False
             self._commit_guarded(entries)
             created = self._journal_created
-        self._inline_pending_bytes -= sum(len(e.payload) for e in entries)
         resolve_async(entries)
         if created:  # a new journal: the committer thread must time its seal (it may be waiting with no timeout)
             with self._cond:

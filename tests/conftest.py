@@ -62,6 +62,9 @@ class FilefeedServer:
     proc: subprocess.Popen
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
+    # the log's size when this server was started: a restart on the same port appends to the same file
+    log_offset: int = 0
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, trust_env=False, **kw)
@@ -88,18 +91,30 @@ class FilefeedServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def started_workers(self) -> int:
+        """How many workers have logged the end of their start-up since this server was started."""
+        if not self.log.exists():
+            return 0
+        with open(self.log, "rb") as f:
+            f.seek(self.log_offset)
+            return f.read().count(b"Application startup complete.")
+
     def wait_ready(self, timeout: float = 30) -> None:
-        """Wait until /v1/status answers 200; fail at once, with the log, if the server exited."""
+        """Wait until /v1/status answers 200 and every worker has started; fail at once, with the log, if the server
+        exited. One worker answering is not enough: the others may still be starting, and one that fails its start
+        stops the whole server (uvicorn's supervisor), refusing the test's next connections."""
 
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"filefeed serve exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            if self.workers > 1 and self.started_workers() < self.workers:
+                return False
             try:
                 return httpx.get(f"{self.url}/v1/status", timeout=1, trust_env=False).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        wait_for(ready, timeout, what="filefeed serve to answer /v1/status")
+        wait_for(ready, timeout, what=f"filefeed serve ({self.workers} workers) to start and answer /v1/status")
 
 
 def start_filefeed(tmp: Path, *, feeds: dict[str, dict] | None = None, env: dict[str, str] | None = None,
@@ -114,9 +129,10 @@ def start_filefeed(tmp: Path, *, feeds: dict[str, dict] | None = None, env: dict
     full_env.update(env or {})
     log = tmp / f"serve-{port}.log"
     with open(log, "ab") as f:
+        offset = f.tell()
         proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port", str(port),
                                  "--workers", str(workers)], env=full_env, stdout=f, stderr=f, cwd=str(ROOT))
-    srv = FilefeedServer(f"http://127.0.0.1:{port}", staging, proc, log, full_env)
+    srv = FilefeedServer(f"http://127.0.0.1:{port}", staging, proc, log, full_env, workers, offset)
     srv.wait_ready(30)
     return srv
 

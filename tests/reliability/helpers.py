@@ -114,10 +114,11 @@ class Group:
         full_env.update(env or {})
         log = self.tmp / f"serve-{port}.log"
         with open(log, "ab") as f:
+            offset = f.tell()
             proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port",
                                      str(port), "--workers", str(workers)], env=full_env, stdout=f, stderr=f,
                                     cwd=str(REPO), start_new_session=True)
-        srv = FilefeedServer(f"http://127.0.0.1:{port}", staging, proc, log, full_env)
+        srv = FilefeedServer(f"http://127.0.0.1:{port}", staging, proc, log, full_env, workers, offset)
         self.started.append(srv)
         if expect_ready:
             srv.wait_ready(timeout)

@@ -51,7 +51,7 @@ def test_5000_partitions_under_ulimit_1024_never_answer_500(tmp_path: Path) -> N
         proc = subprocess.Popen([sys.executable, "-m", "filefeed", "serve", "--host", "127.0.0.1", "--port",
                                  str(port), "--workers", "2"], env=env, stdout=f, stderr=f, cwd=str(REPO),
                                 start_new_session=True, preexec_fn=_limit_descriptors)
-    srv = FilefeedServer(f"http://127.0.0.1:{port}", staging, proc, log, env)
+    srv = FilefeedServer(f"http://127.0.0.1:{port}", staging, proc, log, env, workers=2)
     statuses: Counter[int] = Counter()
     acked: list[str] = []
     failures: list[str] = []

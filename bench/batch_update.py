@@ -1,7 +1,7 @@
 """batch_update benchmark: items/s for 10,000-item batch_update calls, over real HTTP against `filefeed serve`.
 
     python bench/batch_update.py [--batches 20] [--items 10000] [--workers 2]
-    python bench/batch_update.py --peer node-sdk [--rounds 2]      # against the official SDK's feed
+    python bench/batch_update.py --peer node-sdk [--rounds 2] [--history 120]   # against the official SDK's feed
     python bench/batch_update.py --peer node-sdk --ceiling         # + the durable floor (bench/bare_batch.py)
     python bench/batch_update.py --old-repo PATH [--rounds 4]      # against another checkout (the previous release)
 
@@ -129,6 +129,8 @@ def peer_main(args: argparse.Namespace) -> None:
         procs.update(extra)
         for _, url in procs.values():  # warm-up pass (JIT, first roll), not counted
             post_all(url, fresh()[:3], 3 * n)
+            for _ in range(0, args.history, args.batches):  # the history a long-running feed has, not counted
+                post_all(url, fresh(), n * args.batches)
         rounds: list[dict[str, tuple[float, list[dict], float]]] = []
         for i in range(args.rounds):
             rnd = {}
@@ -141,7 +143,7 @@ def peer_main(args: argparse.Namespace) -> None:
     total = n * args.batches
     print(f"batch_update: {args.batches} calls of {n:,} items (JSON strings) per pass, one call in flight; filefeed "
           f"{args.workers} workers into staging (stage with fsync, roll, publish to a local folder) vs {args.peer} "
-          "(append to a CSV, no fsync)")
+          f"(append to a CSV, no fsync); each server had {args.history} calls of history before the rounds")
     for i, rnd in enumerate(rounds, 1):
         for name, (rate, answers, cpu_us) in rnd.items():
             sent = sum(a.get("sent_items_in_success", 0) for a in answers)
@@ -226,6 +228,10 @@ def main() -> None:
                     help="calls in flight for the concurrent pass (default: as many as workers)")
     ap.add_argument("--peer", choices=peer.PEERS, help="filefeed against this peer, one call in flight, alternated")
     ap.add_argument("--rounds", type=int, default=2, help="alternated rounds with --peer or --old-repo")
+    ap.add_argument("--history", type=int, default=120,
+                    help="with --peer: calls sent to each server before the rounds, not counted (120 x 10,000 items "
+                         "fill the partition's roll-time dedup window of FILEFEED_DEDUP_MAX_ROWS = 1 M rows: a busy "
+                         "feed's steady state; the first 100 calls cost about a third less)")
     ap.add_argument("--ceiling", action="store_true", help="with --peer: also the durable floor (bench/bare_batch.py "
                     "create_durable_app) in the same rounds")
     ap.add_argument("--old-repo", type=Path, default=None,

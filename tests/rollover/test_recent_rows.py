@@ -83,6 +83,8 @@ def test_a_resumed_roll_ignores_its_own_hashes_and_later_rolls(tmp_path: Path) -
     loaded = RecentRows.load(tmp_path)
     assert known(loaded, "20240601T120100-b", 2000) == [5, 7]
     assert known(loaded, "20240601T120000-a", 1000) == []
+    assert known(loaded, "20240601T120200-c", 3000, max_rows=1) == [6]  # the newest roll's, within the budget
+    assert known(loaded, "20240601T120200-c", 3000) == [5, 6, 7]
     # bounded: the oldest roll's hashes go first
     loaded.runs = [("20240601T120200-c", 3000, np.array([1, 2], np.uint64))]
     assert loaded.compacted(3000, 600_000, 3).rolls == [("20240601T120100-b", 2000), ("20240601T120200-c", 3000)]

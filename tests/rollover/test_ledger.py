@@ -164,3 +164,35 @@ def test_the_ledger_settings_are_validated_with_the_others() -> None:
         "FILEFEED_LEDGER_RETENTION_DAYS", "FILEFEED_FLUSH_CONCURRENCY", "FILEFEED_METRICS_REFRESH_SECONDS"}
     ok = load_settings(feeds=Path("feeds.toml"), ledger_retention_days=0.5)
     assert ok.ledger_retention_days == 0.5 and ok.flush_concurrency == 8
+
+
+def _open_when_released(root: str, barrier, answers) -> None:  # in a spawned process, as uvicorn's workers are
+    from pipeline import ledger as child_ledger
+
+    barrier.wait(timeout=60)
+    try:
+        child_ledger._connection(root)
+        answers.put("ok")
+    except Exception as e:  # noqa: BLE001 - the answer is the test's
+        answers.put(f"{type(e).__name__}: {e}")
+
+
+def test_workers_opening_a_new_ledger_together_all_start(tmp_path: Path) -> None:
+    """The workers of a fresh staging folder open its ledger at the same moment. Switching the new file to WAL needs
+    it alone, and SQLite answered the others "database is locked" at once (no busy wait): a worker failed its start
+    and took the server down (2 to 5 of 60 opens on this machine before the fix)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    failures: list[str] = []
+    for round_ in range(20):
+        root = tmp_path / f"staging-{round_}"
+        root.mkdir()
+        barrier, answers = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_when_released, args=(str(root), barrier, answers)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        failures += [a for a in (answers.get(timeout=60) for _ in procs) if a != "ok"]
+        for proc in procs:
+            proc.join(30)
+    assert failures == []

@@ -65,6 +65,9 @@ class ServiceSettings(BaseSettings):
     dedup_window: int = Field(default=200_000, ge=0)
     dedup_seconds: float = Field(default=600.0, ge=0, description="rolls drop rows published this recently (0 = off)")
     dedup_max_rows: int = Field(default=1_000_000, ge=1, description="row hashes kept per partition for that")
+    snapshot_tombstone_days: float = Field(
+        default=30.0, ge=0, le=36_500, description="snapshot feeds forget removed identifiers this much older than "
+        "the newest change of their segment (0 = never)")
     max_identifiers_per_update: int = Field(
         default=2_000, ge=1, description="user_segment_update with more user_identifiers is answered error")
     min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)

@@ -33,7 +33,7 @@ from filefeed.protocol import (
     parse_json_body,
     require_str,
 )
-from pipeline import batch, delivery, lanes, ledger, recent_rows, scheduler, shared, troubleshoot
+from pipeline import batch, delivery, lanes, ledger, recent_rows, scheduler, shared, snapshot, troubleshoot
 from pipeline.identifiers import RequestError, check_identifier_count
 from pipeline.ingest import StagedUpdate, stage_update
 from pipeline.staging import Staging
@@ -418,6 +418,7 @@ def create_app(settings: ServiceSettings | None = None, source: ContextSource | 
     logs.configure(settings.log_level, settings.staging_dir)
     guard.configure(settings)
     recent_rows.configure(settings.dedup_seconds, settings.dedup_max_rows)
+    snapshot.configure(settings.snapshot_tombstone_days)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

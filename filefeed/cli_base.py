@@ -64,11 +64,12 @@ def settings(*, write: bool = False, shared: bool = False) -> ServiceSettings:
         except ConfigFileError as e:
             raise OperatorError(f"filefeed: {e}") from None
     check_staging_dir(s.staging_dir, write=write)
-    from pipeline import delivery, ledger, recent_rows  # late: the CLI starts fast
+    from pipeline import delivery, ledger, recent_rows, snapshot  # late: the CLI starts fast
 
     delivery.configure(s)  # sink deadlines and leftover age, as in the server
     ledger.configure(s.ledger_retention_days)
     recent_rows.configure(s.dedup_seconds, s.dedup_max_rows)  # `filefeed flush` rolls like the server
+    snapshot.configure(s.snapshot_tombstone_days)
     if shared:
         connect_shared(s)
     return s

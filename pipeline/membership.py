@@ -7,8 +7,9 @@ result never depends on the order changes arrive or are applied, and applying on
     greater ts wins; at equal ts DELETE wins (a removal is never undone by a simultaneous add); at equal ts and
     operation the greater (session_id, datamart_id, user_point_id) wins (only so that the choice is deterministic)
 
-The state of a segment is one run, the *base*, holding the winner of every identifier ever seen: members (UPSERT)
-and tombstones (DELETE, kept so that an add older than a removal arriving late stays removed). A snapshot merges
+The state of a segment is one run, the *base*, holding the winner of every identifier seen: members (UPSERT) and
+tombstones (DELETE, kept so that an add older than a removal arriving late stays removed, until they are older than
+the snapshot's horizon: pipeline/snapshot.py). A snapshot merges
 the base with the runs of new changes, streaming: each input is read a batch at a time and the merge emits every
 identifier up to the smallest last identifier of the buffered batches, so memory is (number of inputs) x (batch
 size), whatever the segment's size. More than MAX_FAN_IN inputs are first merged in groups.
@@ -206,6 +207,18 @@ def merge_files(paths: list[Path], work: Path) -> tuple[list[Iterator[pa.Table]]
         temps.append(temp)
         paths.append(temp)
     return [read_run(p) for p in paths], temps
+
+
+def newest_ts(table: pa.Table) -> int | None:
+    """The greatest ts among winners (members and tombstones), None for no rows."""
+    value = pc.max(table.column("ts")).as_py() if table.num_rows else None
+    return None if value is None else int(value)
+
+
+def without_tombstones_before(table: pa.Table, horizon_ms: int) -> pa.Table:
+    """Winners less the removals whose ts is before `horizon_ms`: members are all kept."""
+    old = pc.and_(pc.equal(table.column("op"), DELETE_RANK), pc.less(table.column("ts"), horizon_ms))
+    return table.filter(pc.invert(old))
 
 
 def members(table: pa.Table) -> pa.Table:

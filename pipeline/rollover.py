@@ -613,7 +613,7 @@ def _encode(rdir: Path, plan: _Plan, lease: Lease, shared: SharedRoll | None = N
 
     datamart_id = plan.datamart_id
     if plan.mode == "snapshot":
-        batches, first_datamart = snapshot.member_batches(rdir, plan.roll_id, paths)
+        batches, first_datamart = snapshot.member_batches(rdir, plan.roll_id, paths, plan.planned_at)
         datamart_id = first_datamart if datamart_id is None else datamart_id
     else:
         if datamart_id is None:

@@ -16,10 +16,16 @@ failed/, resume after a crash), feed the durable membership state of pipeline/me
   resumed after it finds CURRENT naming itself and encodes from the installed base: same rows, same bytes, same
   names. The rest (publish, manifest, ledger) is the ordinary roll.
 
+Tombstones (removed identifiers) are kept so that an add older than a removal, arriving later, stays removed; a
+snapshot drops those older than FILEFEED_SNAPSHOT_TOMBSTONE_DAYS before the newest change the previous state held
+(capped by the roll's plan time, so one row with a ts in the future cannot drop them all). The horizon depends only
+on the previous CURRENT and the plan, so a merge resumed after a crash writes the same base. Without the horizon a
+segment's state would grow by every identifier ever removed, for as long as the feed lives.
+
     feeds/<feed>/<segment>/SNAPSHOT/
         sealed/<apply roll id>-<n>.run       changes waiting for the next snapshot (sorted Arrow IPC runs)
         lease, rolling/, published/, failed/ snapshot rolls, as in a partition folder
-        state/CURRENT                        {"base": <snapshot roll id>, "rows", "members"}
+        state/CURRENT                        {"base": <snapshot roll id>, "rows", "members", "max_ts", "pruned"}
         state/base-<roll id>.arrow           members and tombstones, sorted by identifier
         schedule.json                        the last delivery_schedule slot handled
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +58,29 @@ CRASH_POINTS = ("snapshot_base", "snapshot_state")
 RUN_SUFFIX = ".run"
 STATE = "state"
 CURRENT = "CURRENT"
+DAY_MS = 86_400_000
+
+
+@dataclass
+class TombstoneSettings:
+    days: float = 30.0  # FILEFEED_SNAPSHOT_TOMBSTONE_DAYS; 0 = kept forever
+
+
+# What snapshot rolls use; the service and the CLI set it from their settings at start-up (configure).
+TOMBSTONES = TombstoneSettings()
+
+
+def configure(tombstone_days: float) -> None:
+    TOMBSTONES.days = tombstone_days
+
+
+def tombstone_horizon_ms(current: dict[str, Any] | None, planned_at: datetime) -> int | None:
+    """Removals with a ts before this are dropped from the next base; None: none are (the horizon is off, or the
+    previous state does not say its newest change: the first snapshot, or a base of the previous release)."""
+    if TOMBSTONES.days <= 0 or current is None or not isinstance(current.get("max_ts"), int):
+        return None
+    newest = min(int(current["max_ts"]), int(planned_at.timestamp() * 1000))
+    return newest - int(TOMBSTONES.days * DAY_MS)
 
 
 def snapshot_dir(root: Path | str, feed_id: str, segment_id: str) -> Path:
@@ -145,7 +175,8 @@ def apply_roll(rdir: Path, partition: Partition, roll_id: str, segments: list[st
 # -- snapshot: base + runs -> new base and the members' files ---------------------------------------------------
 
 
-def member_batches(rdir: Path, roll_id: str, runs: list[Path]) -> tuple[Iterator[pa.RecordBatch], str]:
+def member_batches(rdir: Path, roll_id: str, runs: list[Path], planned_at: datetime,
+                   ) -> tuple[Iterator[pa.RecordBatch], str]:
     """The members after this snapshot roll, in identifier order, and the datamart_id of the first of them.
 
     Merging installs the new state when the last batch has been taken (see the module's docstring).
@@ -159,7 +190,7 @@ def member_batches(rdir: Path, roll_id: str, runs: list[Path]) -> tuple[Iterator
         tables: Iterator[pa.Table] = (membership.members(t) for t in membership.read_run(state / _base_name(roll_id)))
     else:
         base = [state / _base_name(str(current["base"]))] if current else []
-        tables = _merge_and_install(sdir, rdir, roll_id, base + runs)
+        tables = _merge_and_install(sdir, rdir, roll_id, base + runs, tombstone_horizon_ms(current, planned_at))
     batches = (b for table in tables for b in table.to_batches() if b.num_rows)
     first = next(batches, None)
     if first is None:
@@ -173,7 +204,8 @@ def member_batches(rdir: Path, roll_id: str, runs: list[Path]) -> tuple[Iterator
     return chained(), datamart_id
 
 
-def _merge_and_install(sdir: Path, rdir: Path, roll_id: str, inputs: list[Path]) -> Iterator[pa.Table]:
+def _merge_and_install(sdir: Path, rdir: Path, roll_id: str, inputs: list[Path], horizon_ms: int | None,
+                       ) -> Iterator[pa.Table]:
     from pipeline.rollover import crash_point
 
     state = sdir / STATE
@@ -182,19 +214,28 @@ def _merge_and_install(sdir: Path, rdir: Path, roll_id: str, inputs: list[Path])
     work.mkdir()
     streams, _ = membership.merge_files(inputs, work)
     writer = membership.RunWriter(state / _base_name(roll_id))
-    members = 0
+    members = pruned = 0
+    max_ts: int | None = None
     try:
         for table in membership.merge(streams):
-            writer.write(table)
+            newest = membership.newest_ts(table)
+            if newest is not None:
+                max_ts = newest if max_ts is None else max(max_ts, newest)
             kept = membership.members(table)
             members += kept.num_rows
+            if horizon_ms is not None:
+                before = table.num_rows
+                table = membership.without_tombstones_before(table, horizon_ms)
+                pruned += before - table.num_rows
+            writer.write(table)
             yield kept
         rows = writer.commit()
     except BaseException:
         writer.abort()
         raise
     crash_point("snapshot_base")
-    atomic_write_json(state / CURRENT, {"base": roll_id, "rows": rows, "members": members})
+    atomic_write_json(state / CURRENT, {"base": roll_id, "rows": rows, "members": members, "max_ts": max_ts,
+                                        "pruned": pruned})
     crash_point("snapshot_state")
     _remove_stale_bases(state, {"base": roll_id})
     shutil.rmtree(work, ignore_errors=True)

@@ -16,7 +16,7 @@ from pipeline import delivery, membership, snapshot
 from pipeline.ledger import consumed_segments
 from pipeline.rollover import RollMode, retry_failed, roll_partition, slot_roll_id
 from sinks import open_sink
-from tests.rollover.helpers import decode_file, destination_files, stage_segment
+from tests.rollover.helpers import BASE_MS, decode_file, destination_files, stage_segment
 from tests.servers import sink_props
 from tests.snapshot.helpers import DELETE, UPSERT, expected_members, snapshot_props, stage_changes
 
@@ -135,6 +135,52 @@ def test_bounded_merge_over_many_small_runs_matches_the_model(tmp_path: Path, mo
     assert members_of(destination_files(dest), SLOT + timedelta(days=1)) == expected_members(FIRST + SECOND)
     current = snapshot.read_current(snapshot.snapshot_dir(root, UPSERT.feed_id, UPSERT.segment_id))
     assert current is not None and current["members"] == 2600 and current["rows"] == 3000  # 400 tombstones
+
+
+def installed_base(root: Path) -> tuple[dict[str, int], dict]:
+    """The segment's installed state: identifier -> op rank (0 member, 1 tombstone), and its CURRENT."""
+    sdir = snapshot.snapshot_dir(root, UPSERT.feed_id, UPSERT.segment_id)
+    current = snapshot.read_current(sdir)
+    assert current is not None
+    out: dict[str, int] = {}
+    for table in membership.read_run(sdir / snapshot.STATE / f"base-{current['base']}.arrow"):
+        out.update(zip(table.column("identifier").to_pylist(), table.column("op").to_pylist(), strict=True))
+    return out, current
+
+
+@pytest.mark.parametrize("days", [30.0, 0.0])
+def test_tombstones_older_than_the_horizon_are_dropped(tmp_path: Path, monkeypatch, days: float) -> None:
+    """Without a horizon a segment's state grows by every identifier ever removed, for as long as the feed lives."""
+    monkeypatch.setattr(snapshot.TOMBSTONES, "days", days)
+    root, dest = tmp_path / "var", tmp_path / "dest"
+    props = snapshot_props(dest)
+    day = snapshot.DAY_MS
+    ident = "{:064x}".format
+    stage_changes(root, "a", [("UPSERT", i, 0) for i in range(1000)] + [("DELETE", i, day) for i in range(500)])
+    deliver(root, props, SLOT)  # the first state: no horizon yet
+    base, current = installed_base(root)
+    assert (len(base), current["members"], current["pruned"], current["max_ts"]) == (1000, 500, 0, BASE_MS + day)
+    stage_changes(root, "b", [("UPSERT", 5000, 40 * day), ("DELETE", 600, 35 * day)])
+    deliver(root, props, SLOT + timedelta(days=1))  # horizon: day 1 - 30 days, nothing older
+    base, current = installed_base(root)
+    assert (len(base), current["pruned"], current["max_ts"]) == (1001, 0, BASE_MS + 40 * day)
+    # late adds older than the removals they meet in the merge stay removed, whether or not the removal is dropped
+    stage_changes(root, "c", [("UPSERT", 0, day // 2), ("UPSERT", 600, 34 * day), ("UPSERT", 5001, 41 * day)])
+    deliver(root, props, SLOT + timedelta(days=2))  # horizon: day 40 - 30 = day 10
+    base, current = installed_base(root)
+    want = {ident(i) for i in [*range(500, 1000), 5000, 5001] if i != 600}  # 600 left on day 35
+    assert set(members_of(destination_files(dest), SLOT + timedelta(days=2))) == want
+    if days:
+        # the 500 removals of day 1 are gone from the state; the one of day 35 is within the horizon and stays
+        assert current["pruned"] == 500 and {k for k, op in base.items() if op} == {ident(600)}
+    else:
+        assert current["pruned"] == 0 and sum(base.values()) == 501
+    assert current["members"] == len(want) and current["rows"] == len(base)
+    # the trade-off: an add older than a removal already dropped comes back; one older than a kept removal does not
+    stage_changes(root, "d", [("UPSERT", 1, day // 2), ("UPSERT", 600, 33 * day)])
+    deliver(root, props, SLOT + timedelta(days=3))
+    members = set(members_of(destination_files(dest), SLOT + timedelta(days=3)))
+    assert members == (want | {ident(1)} if days else want)
 
 
 def test_creation_validates_mode_and_schedule_together() -> None:

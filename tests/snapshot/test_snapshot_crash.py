@@ -87,3 +87,29 @@ def test_every_snapshot_crash_point_is_exercised() -> None:
     covered = {p.split(":")[0] + (":N" if ":" in p else "") for p in SNAPSHOT_POINTS}
     assert set(snapshot.CRASH_POINTS) <= covered
     assert covered <= set(CRASH_POINTS) | set(snapshot.CRASH_POINTS)
+
+
+def test_a_merge_resumed_after_its_base_was_written_drops_the_same_tombstones(tmp_path: Path) -> None:
+    """The horizon comes from the previous CURRENT and the roll's plan, never the clock of the resume."""
+    day = snapshot.DAY_MS
+    states = []
+    for name, crash_at in (("control", None), ("crashed", "snapshot_base")):
+        root, dest = tmp_path / name / "var", tmp_path / name / "dest"
+        dest.mkdir(parents=True)
+        stage_changes(root, "a", [("UPSERT", i, 0) for i in range(300)] + [("DELETE", i, day) for i in range(100)]
+                      + [("UPSERT", 1000, 40 * day)])
+        assert run_child(CHILD, [str(root), str(dest), "all", iso(SLOT1)]).returncode == 0
+        stage_changes(root, "b", [("UPSERT", 1001, 41 * day)])
+        assert run_child(CHILD, [str(root), str(dest), "apply", iso(SLOT2)]).returncode == 0
+        if crash_at:
+            crashed = run_child(CHILD, [str(root), str(dest), "snapshot", iso(SLOT2)], crash_at=crash_at)
+            assert crashed.returncode == 137, crashed.stderr
+        done = run_child(CHILD, [str(root), str(dest), "snapshot", iso(SLOT2)])
+        assert done.returncode == 0, done.stderr
+        sdir = snapshot.snapshot_dir(root, UPSERT.feed_id, UPSERT.segment_id)
+        current = snapshot.read_current(sdir)
+        assert current is not None
+        base = (sdir / snapshot.STATE / f"base-{current['base']}.arrow").read_bytes()
+        states.append((current["pruned"], current["members"], current["rows"], base))
+    assert states[0][:3] == (100, 202, 202)  # the 100 removals of day 1 are older than day 41 - 30
+    assert states[1] == states[0]

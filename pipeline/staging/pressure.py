@@ -39,12 +39,13 @@ class Backpressure:
         self.root = root
         self.min_free_bytes = min_free_bytes
         self.max_staged_bytes = max_staged_bytes
-        self._disk_free = 0
-        self._disk_checked = -1e9
-        self._appended_at_disk = 0  # appended_total when _disk_free was read
         self._staged_scanned = 0
         # Two counters, each written by one thread only (committer / housekeeping): no lock, no lost update.
         self.appended_total = 0
+        # (when, free bytes, appended_total then): replaced whole, never field by field, because appends check it
+        # from several threads (the loop, append_sync's callers). A placeholder published before its statvfs
+        # returned let another thread read "0 bytes free" and refuse a good append.
+        self._disk = self._read_disk()
         self._appended_at_scan = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -62,24 +63,19 @@ class Backpressure:
         hold that: every acknowledged row can then be split without the operator freeing space, whatever
         FILEFEED_MIN_FREE_BYTES says (0 included).
         """
-        now = time.monotonic()
-        if now - self._disk_checked >= DISK_CHECK_SECONDS:
-            self._disk_checked = now
-            self._appended_at_disk = self.appended_total
-            try:
-                st = os.statvfs(self.root)
-                self._disk_free = st.f_bavail * st.f_frsize
-            except OSError:
-                self._disk_free = 0
-        if self._disk_free < self.min_free_bytes:
+        disk = self._disk
+        if time.monotonic() - disk[0] >= DISK_CHECK_SECONDS:
+            disk = self._disk = self._read_disk()
+        _, disk_free, appended_at_disk = disk
+        if disk_free < self.min_free_bytes:
             return (
-                f"free disk space {self._disk_free} bytes is under the {self.min_free_bytes} bytes minimum",
+                f"free disk space {disk_free} bytes is under the {self.min_free_bytes} bytes minimum",
                 DISK_FULL_RETRY_MS,
             )
         if unsplit:
-            free = self._disk_free - (self.appended_total - self._appended_at_disk)
+            free = disk_free - (self.appended_total - appended_at_disk)
             if free < unsplit:
-                self._disk_checked = -1e9  # near the end of the space: read it again on the next append
+                self.recheck_disk()  # near the end of the space: read it again on the next append
                 return (
                     f"free disk space {max(0, free)} bytes would not hold the split of what this worker holds "
                     f"({unsplit} bytes needed); appends resume as splits and rolls free space",
@@ -91,9 +87,18 @@ class Backpressure:
                 return f"{staged} bytes staged, over the {self.max_staged_bytes} bytes limit", STAGED_FULL_RETRY_MS
         return None
 
+    def _read_disk(self) -> tuple[float, int, int]:
+        appended = self.appended_total
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return -1e9, 0, appended  # refused now, read again on the next append
+        return time.monotonic(), st.f_bavail * st.f_frsize, appended
+
     def recheck_disk(self) -> None:
         """Re-read free space on the next request instead of trusting the cache (after ENOSPC)."""
-        self._disk_checked = -1e9
+        _, free, appended = self._disk
+        self._disk = (-1e9, free, appended)
 
     def staged_bytes(self) -> int:
         """Journal + sealed bytes of every writer: last scan plus what this writer appended since."""

@@ -102,3 +102,33 @@ def test_fsync_error_fails_the_request_and_keeps_acknowledged_rows(staging, monk
     assert after.segment != first.segment
     staging.seal_all()
     assert read_all(staging.sealed_segments(P)) == [*rows(0, 2), *rows(4, 1), *rows(7, 1)]
+
+
+def test_an_append_checked_while_another_thread_reads_the_free_space_sees_the_real_value(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appends check the free space from several threads (the loop, append_sync's callers). The check used to mark
+    the free space fresh before its statvfs returned, so another thread read the placeholder, "0 bytes free", and
+    refused a good append (seen in CI: test_inline_and_sync_callers_together_and_dedup)."""
+    import threading
+
+    pressure = staging_module.Backpressure(tmp_path, 0, None)
+    pressure.recheck_disk()  # the next check reads statvfs again
+    inside, release = threading.Event(), threading.Event()
+    real, calls = os.statvfs, []
+
+    def slow_statvfs(path):
+        calls.append(path)
+        if len(calls) == 1:  # the first reader stays inside until the second thread has checked
+            inside.set()
+            release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(staging_module.os, "statvfs", slow_statvfs)
+    first = threading.Thread(target=pressure.check, args=(100,))
+    first.start()
+    try:
+        assert inside.wait(30)
+        assert pressure.check(100) is None  # 100 bytes fit on this volume
+    finally:
+        release.set()
+        first.join(30)

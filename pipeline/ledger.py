@@ -181,34 +181,41 @@ def db_path(root: Path | str) -> Path:
     return Path(root) / DB_NAME
 
 
+_SCHEMA_NAMES = ("rolls", "rolls_by_age", "rolls_by_publication", "segments", "segments_by_roll", "totals")
+
+
 def _open(path: str) -> sqlite3.Connection:
     """A connection in WAL mode with the schema in place, retried while another process creates the same file.
 
     Switching a new database to WAL needs it alone, and SQLite answers "database is locked" at once, without its
     busy handler, when another connection is doing the same: the workers of a fresh staging folder start together,
     and one of them failed its start-up that way now and then (2 to 5 of 60 concurrent opens, measured). So the open
-    is retried until BUSY_TIMEOUT_SECONDS, and the schema is created under a write lock taken up front (BEGIN
-    IMMEDIATE waits on the busy handler; a read upgraded to a write would not).
+    is retried, each attempt waiting at most what is left of BUSY_TIMEOUT_SECONDS, and a schema still missing is
+    created under a write lock taken up front (BEGIN IMMEDIATE waits on the busy handler; a read upgraded to a write
+    would not). An existing schema takes no write lock: opening never queues behind a writer.
     """
     deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
     pause = 0.005
     while True:
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=True)
+        left = max(deadline - time.monotonic(), 0.001)
+        conn = sqlite3.connect(path, timeout=left, isolation_level=None, check_same_thread=True)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a recorded roll survives power loss before its folder is removed
-            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
             conn.execute("PRAGMA journal_size_limit=67108864")  # the WAL file is cut back to 64 MiB after a checkpoint
             # per connection, and there is one per thread: SQLite's default 2 MiB page cache each would add up to
             # the worker's RSS; the lookups touch a few index pages, which the OS page cache keeps anyway
             conn.execute("PRAGMA cache_size=-256")
-            conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+            present = conn.execute(f"SELECT count(*) FROM sqlite_master WHERE name IN ({','.join('?' * len(_SCHEMA_NAMES))})",
+                                   _SCHEMA_NAMES).fetchone()[0]
+            if present < len(_SCHEMA_NAMES):
+                conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")  # every later statement's wait
             return conn
-        except sqlite3.OperationalError as e:
+        except BaseException as e:
             conn.close()
-            if "locked" not in str(e) and "busy" not in str(e):
-                raise
-            if time.monotonic() + pause > deadline:
+            locked = isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+            if not locked or time.monotonic() + pause > deadline:
                 raise
             time.sleep(pause)
             pause = min(2 * pause, 0.2)

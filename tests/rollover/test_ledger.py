@@ -196,3 +196,22 @@ def test_workers_opening_a_new_ledger_together_all_start(tmp_path: Path) -> None
         for proc in procs:
             proc.join(30)
     assert failures == []
+
+
+def test_opening_an_existing_ledger_does_not_wait_for_a_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread's first connection (a CLI command, a flush thread) must not queue behind a roll recording its entry:
+    the schema is created under a write lock only when it is missing (review of the retried open)."""
+    import sqlite3
+
+    path = str(tmp_path / ledger.DB_NAME)
+    ledger._open(path).close()  # the file and its schema exist
+    monkeypatch.setattr(ledger, "BUSY_TIMEOUT_SECONDS", 0.5)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a writer holds the lock past the (shortened) busy timeout
+    try:
+        conn = ledger._open(path)
+        assert conn.execute("SELECT count(*) FROM rolls").fetchone() == (0,)
+        conn.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

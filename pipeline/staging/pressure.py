@@ -42,9 +42,11 @@ class Backpressure:
         self._staged_scanned = 0
         # Two counters, each written by one thread only (committer / housekeeping): no lock, no lost update.
         self.appended_total = 0
-        # (when, free bytes, appended_total then): replaced whole, never field by field, because appends check it
-        # from several threads (the loop, append_sync's callers). A placeholder published before its statvfs
-        # returned let another thread read "0 bytes free" and refuse a good append.
+        # (when, free bytes, appended_total then, rechecks then): replaced whole, never field by field, because
+        # appends check it from several threads (the loop, append_sync's callers). A placeholder published before
+        # its statvfs returned let another thread read "0 bytes free" and refuse a good append. A recheck asked for
+        # while a read is under way (ENOSPC) makes that read stale as soon as it is published.
+        self._rechecks = 0
         self._disk = self._read_disk()
         self._appended_at_scan = 0
         self._stop = threading.Event()
@@ -64,9 +66,9 @@ class Backpressure:
         FILEFEED_MIN_FREE_BYTES says (0 included).
         """
         disk = self._disk
-        if time.monotonic() - disk[0] >= DISK_CHECK_SECONDS:
+        if time.monotonic() - disk[0] >= DISK_CHECK_SECONDS or disk[3] != self._rechecks:
             disk = self._disk = self._read_disk()
-        _, disk_free, appended_at_disk = disk
+        _, disk_free, appended_at_disk, _ = disk
         if disk_free < self.min_free_bytes:
             return (
                 f"free disk space {disk_free} bytes is under the {self.min_free_bytes} bytes minimum",
@@ -87,18 +89,17 @@ class Backpressure:
                 return f"{staged} bytes staged, over the {self.max_staged_bytes} bytes limit", STAGED_FULL_RETRY_MS
         return None
 
-    def _read_disk(self) -> tuple[float, int, int]:
-        appended = self.appended_total
+    def _read_disk(self) -> tuple[float, int, int, int]:
+        appended, rechecks = self.appended_total, self._rechecks
         try:
             st = os.statvfs(self.root)
         except OSError:
-            return -1e9, 0, appended  # refused now, read again on the next append
-        return time.monotonic(), st.f_bavail * st.f_frsize, appended
+            return -1e9, 0, appended, rechecks  # refused now, read again on the next append
+        return time.monotonic(), st.f_bavail * st.f_frsize, appended, rechecks
 
     def recheck_disk(self) -> None:
         """Re-read free space on the next request instead of trusting the cache (after ENOSPC)."""
-        _, free, appended = self._disk
-        self._disk = (-1e9, free, appended)
+        self._rechecks += 1  # a lost increment of two racing threads still changes the value: no lock needed
 
     def staged_bytes(self) -> int:
         """Journal + sealed bytes of every writer: last scan plus what this writer appended since."""

@@ -132,3 +132,32 @@ def test_an_append_checked_while_another_thread_reads_the_free_space_sees_the_re
     finally:
         release.set()
         first.join(30)
+
+
+def test_a_recheck_asked_for_during_a_read_is_not_lost(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After ENOSPC the committer asks for the free space to be read again; a read already under way in another
+    thread must not publish its older figure as fresh (review of the whole-tuple cache)."""
+    import threading
+
+    pressure = staging_module.Backpressure(tmp_path, 0, None)
+    pressure.recheck_disk()
+    inside, release = threading.Event(), threading.Event()
+    real, calls = os.statvfs, []
+
+    def slow_statvfs(path):
+        calls.append(path)
+        if len(calls) == 1:
+            inside.set()
+            release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(staging_module.os, "statvfs", slow_statvfs)
+    first = threading.Thread(target=pressure.check)
+    first.start()
+    assert inside.wait(30)
+    pressure.recheck_disk()  # ENOSPC while the first read is under way
+    release.set()
+    first.join(30)
+    assert len(calls) == 1
+    pressure.check()
+    assert len(calls) == 2  # the first read, published after the recheck, was not trusted

@@ -18,9 +18,11 @@ failed/, resume after a crash), feed the durable membership state of pipeline/me
 
 Tombstones (removed identifiers) are kept so that an add older than a removal, arriving later, stays removed; a
 snapshot drops those older than FILEFEED_SNAPSHOT_TOMBSTONE_DAYS before the newest change the previous state held
-(capped by the roll's plan time, so one row with a ts in the future cannot drop them all). The horizon depends only
-on the previous CURRENT and the plan, so a merge resumed after a crash writes the same base. Without the horizon a
-segment's state would grow by every identifier ever removed, for as long as the feed lives.
+(capped by the roll's plan time, so one row with a ts in the future cannot drop them all). The horizon comes from
+the previous CURRENT and the plan, and the roll records it in its folder before merging, so a merge resumed after a
+crash writes the same base. Without the horizon a segment's state would grow by every identifier ever removed, for
+as long as the feed lives. The price: an add as old as or older than a removal already dropped, arriving after it,
+makes the identifier a member again.
 
     feeds/<feed>/<segment>/SNAPSHOT/
         sealed/<apply roll id>-<n>.run       changes waiting for the next snapshot (sorted Arrow IPC runs)
@@ -59,6 +61,7 @@ RUN_SUFFIX = ".run"
 STATE = "state"
 CURRENT = "CURRENT"
 DAY_MS = 86_400_000
+HORIZON = "tombstone-horizon.json"  # in a snapshot roll's folder: the horizon its merge uses
 
 
 @dataclass
@@ -81,6 +84,19 @@ def tombstone_horizon_ms(current: dict[str, Any] | None, planned_at: datetime) -
         return None
     newest = min(int(current["max_ts"]), int(planned_at.timestamp() * 1000))
     return newest - int(TOMBSTONES.days * DAY_MS)
+
+
+def _roll_horizon_ms(rdir: Path, current: dict[str, Any] | None, planned_at: datetime) -> int | None:
+    """The roll's horizon, recorded in its folder at its first merge: a merge resumed after a crash uses the same,
+    even if FILEFEED_SNAPSHOT_TOMBSTONE_DAYS changed meanwhile."""
+    path = rdir / HORIZON
+    try:
+        return read_json(path)["horizon_ms"]
+    except FileNotFoundError:
+        pass
+    horizon = tombstone_horizon_ms(current, planned_at)
+    atomic_write_json(path, {"horizon_ms": horizon})
+    return horizon
 
 
 def snapshot_dir(root: Path | str, feed_id: str, segment_id: str) -> Path:
@@ -190,7 +206,7 @@ def member_batches(rdir: Path, roll_id: str, runs: list[Path], planned_at: datet
         tables: Iterator[pa.Table] = (membership.members(t) for t in membership.read_run(state / _base_name(roll_id)))
     else:
         base = [state / _base_name(str(current["base"]))] if current else []
-        tables = _merge_and_install(sdir, rdir, roll_id, base + runs, tombstone_horizon_ms(current, planned_at))
+        tables = _merge_and_install(sdir, rdir, roll_id, base + runs, _roll_horizon_ms(rdir, current, planned_at))
     batches = (b for table in tables for b in table.to_batches() if b.num_rows)
     first = next(batches, None)
     if first is None:

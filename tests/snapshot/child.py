@@ -7,6 +7,7 @@ slot WHEN, as delivery.roll does it) or "slots" (the scheduler's pass at time WH
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,8 @@ from tests.snapshot.helpers import DELETE, UPSERT, snapshot_props
 
 def main(argv: list[str]) -> int:
     root, dest, phase, when = Path(argv[0]), Path(argv[1]), argv[2], datetime.fromisoformat(argv[3])
+    if "FILEFEED_SNAPSHOT_TOMBSTONE_DAYS" in os.environ:  # as the service and the CLI configure it
+        snapshot.configure(float(os.environ["FILEFEED_SNAPSHOT_TOMBSTONE_DAYS"]))
     if phase == "slots":
         props = snapshot_props(dest, delivery_schedule=argv[4], delivery_mode=argv[5])
         outcomes = scheduler.deliver_due_slots(root, {UPSERT.feed_id: props}, now=when)

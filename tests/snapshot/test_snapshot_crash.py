@@ -89,8 +89,10 @@ def test_every_snapshot_crash_point_is_exercised() -> None:
     assert covered <= set(CRASH_POINTS) | set(snapshot.CRASH_POINTS)
 
 
-def test_a_merge_resumed_after_its_base_was_written_drops_the_same_tombstones(tmp_path: Path) -> None:
-    """The horizon comes from the previous CURRENT and the roll's plan, never the clock of the resume."""
+def test_a_merge_resumed_after_its_base_was_written_drops_the_same_tombstones(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The horizon comes from the previous CURRENT and the roll's plan, never the clock of the resume, and the roll
+    records it: a resume under another FILEFEED_SNAPSHOT_TOMBSTONE_DAYS (here 0, off) writes the same base."""
     day = snapshot.DAY_MS
     states = []
     for name, crash_at in (("control", None), ("crashed", "snapshot_base")):
@@ -104,6 +106,7 @@ def test_a_merge_resumed_after_its_base_was_written_drops_the_same_tombstones(tm
         if crash_at:
             crashed = run_child(CHILD, [str(root), str(dest), "snapshot", iso(SLOT2)], crash_at=crash_at)
             assert crashed.returncode == 137, crashed.stderr
+            monkeypatch.setenv("FILEFEED_SNAPSHOT_TOMBSTONE_DAYS", "0")
         done = run_child(CHILD, [str(root), str(dest), "snapshot", iso(SLOT2)])
         assert done.returncode == 0, done.stderr
         sdir = snapshot.snapshot_dir(root, UPSERT.feed_id, UPSERT.segment_id)

@@ -129,8 +129,9 @@ def peer_main(args: argparse.Namespace) -> None:
         procs.update(extra)
         for _, url in procs.values():  # warm-up pass (JIT, first roll), not counted
             post_all(url, fresh()[:3], 3 * n)
-            for _ in range(0, args.history, args.batches):  # the history a long-running feed has, not counted
-                post_all(url, fresh(), n * args.batches)
+            for start in range(0, args.history, args.batches):  # the history a long-running feed has, not counted
+                calls = min(args.batches, args.history - start)
+                post_all(url, fresh()[:calls], n * calls)
         rounds: list[dict[str, tuple[float, list[dict], float]]] = []
         for i in range(args.rounds):
             rnd = {}

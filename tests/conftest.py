@@ -102,7 +102,8 @@ class FilefeedServer:
     def wait_ready(self, timeout: float = 30) -> None:
         """Wait until /v1/status answers 200 and every worker has started; fail at once, with the log, if the server
         exited. One worker answering is not enough: the others may still be starting, and one that fails its start
-        stops the whole server (uvicorn's supervisor), refusing the test's next connections."""
+        stops the whole server (uvicorn's supervisor), refusing the test's next connections. The count is of uvicorn's
+        INFO line, so a multi-worker server started with FILEFEED_LOG_LEVEL above INFO would never be ready here."""
 
         def ready() -> bool:
             if self.proc.poll() is not None:
